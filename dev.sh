@@ -52,7 +52,7 @@ case "${1:-}" in
     book)
         shift
         setup
-        export H3DE_SCALE="${H3DE_SCALE:-book}" MPLBACKEND=Agg
+        export H3DE_SCALE="${H3DE_SCALE:-book}"
         jupyter-book build . --path-output . "$@"
         echo "dev.sh: open _build/html/index.html"
         ;;
