@@ -1,6 +1,66 @@
-"""Data: the Case container, landmark names, readers/writers, the phantom generator, transforms and datasets."""
+"""Data: the Case container, landmark names, readers/writers, the phantom generator, transforms and datasets.
+
+Explained in notebooks/02_data.ipynb.
+"""
 
 from h3de_lite.data.case import Case, validate_spacing
+from h3de_lite.data.dataset import LandmarkDataset
 from h3de_lite.data.landmarks import LANDMARK_NAMES, NUM_LANDMARKS, describe
+from h3de_lite.data.markups import read_markups, write_markups
+from h3de_lite.data.mml import (
+    MISSING_SENTINEL,
+    list_mml_cases,
+    mml_paths,
+    read_mml_case,
+    read_mml_landmarks,
+    write_mml_case,
+)
+from h3de_lite.data.nifti import (
+    load_nifti_case,
+    read_nifti,
+    spacing_from_affine,
+    voxel_to_world,
+    world_to_voxel,
+    write_nifti,
+)
+from h3de_lite.data.transforms import (
+    DEFAULT_WINDOW,
+    center_crop,
+    choose_crop_start,
+    crop,
+    normalize_intensity,
+    random_crop,
+    resample,
+    to_source_voxels,
+)
 
-__all__ = ["Case", "validate_spacing", "LANDMARK_NAMES", "NUM_LANDMARKS", "describe"]
+__all__ = [
+    "Case",
+    "validate_spacing",
+    "LANDMARK_NAMES",
+    "NUM_LANDMARKS",
+    "describe",
+    "LandmarkDataset",
+    "read_markups",
+    "write_markups",
+    "MISSING_SENTINEL",
+    "list_mml_cases",
+    "mml_paths",
+    "read_mml_case",
+    "read_mml_landmarks",
+    "write_mml_case",
+    "load_nifti_case",
+    "read_nifti",
+    "spacing_from_affine",
+    "voxel_to_world",
+    "world_to_voxel",
+    "write_nifti",
+    "DEFAULT_WINDOW",
+    "center_crop",
+    "choose_crop_start",
+    "crop",
+    "normalize_intensity",
+    "random_crop",
+    "resample",
+    "to_source_voxels",
+]

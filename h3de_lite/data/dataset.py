@@ -1,0 +1,164 @@
+"""``LandmarkDataset``: MML-layout cases as training/evaluation samples (image, landmarks, presence, spacing).
+
+Per sample: read the case → optionally resample to ``target_spacing`` → crop (random, keeping the landmarks in view,
+for training; centred on the *volume*, never on the landmarks, for evaluation; or no crop) → window the intensities to
+[0, 255]. Ground truth only decides where a *random* (training) crop goes; an evaluation crop never looks at it.
+
+Explained in notebooks/02_data.ipynb.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from h3de_lite.data.mml import list_mml_cases, read_mml_case, read_mml_landmarks
+from h3de_lite.data.transforms import (
+    DEFAULT_WINDOW,
+    choose_crop_start,
+    crop,
+    normalize_intensity,
+    resample,
+    spacing3,
+)
+
+__all__ = ["LandmarkDataset"]
+
+Subset = Literal["all", "complete", "incomplete"]
+
+
+class LandmarkDataset(Dataset):
+    """Samples from an MML-layout folder (``root/split/<id>_volume.nrrd`` …), paper §III-A preprocessing.
+
+    The ``subset`` filter reads only the label files and uses presence in the *uncropped* case: ``"complete"`` keeps
+    cases with all landmarks (the paper's complete subset), ``"incomplete"`` those missing at least one.
+
+    Random crops draw from a generator seeded by ``(seed, index, call count)`` and, inside a ``DataLoader`` worker, the
+    worker's seed, so runs are reproducible for a fixed ``seed`` (and ``torch.manual_seed``) and crops differ between
+    epochs and workers.
+
+    Args:
+        root: dataset folder holding the split folders.
+        split: split folder name (``"train"``, ``"val"``, ``"test"``).
+        subset: ``"all"``, ``"complete"`` or ``"incomplete"``.
+        crop_size: crop size ``(D, H, W)``; ``None`` returns whole volumes (batch size 1 then, shapes differ).
+        random_crop: random crops that keep the landmarks in view (training); ``False`` crops the volume centre.
+        target_spacing: resample every case to this voxel size in mm first (``(3,)`` or a number); ``None`` keeps it.
+        window: HU window mapped to [0, 255] (:data:`DEFAULT_WINDOW`); ``None`` leaves intensities as stored (for
+            data already scaled to [0, 255]).
+        seed: base seed of the random crops.
+
+    Shape:
+        Each item is a dict:
+
+        - ``image``: ``(1, D, H, W)`` float32 in [0, 255]
+        - ``landmarks``: ``(L, 3)`` float32 voxel coordinates in ``image``, ``NaN`` rows for missing or out-of-crop
+        - ``present``: ``(L,)`` bool
+        - ``spacing``: ``(3,)`` float32 mm of ``image``; ``source_spacing``: ``(3,)`` float32 mm of the stored volume
+        - ``origin``: ``(3,)`` int64 crop start in the (resampled) volume; map predictions back with
+          :func:`h3de_lite.data.transforms.to_source_voxels`
+        - ``case_id``: str
+
+    Example:
+        >>> ds = LandmarkDataset("data", "train", crop_size=(32, 32, 16))  # doctest: +SKIP
+        >>> ds[0]["image"].shape  # doctest: +SKIP
+        torch.Size([1, 32, 32, 16])
+
+    Explained in notebooks/02_data.ipynb.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        *,
+        subset: Subset = "all",
+        crop_size: Sequence[int] | None = (128, 128, 64),
+        random_crop: bool = True,
+        target_spacing: Sequence[float] | float | None = None,
+        window: Sequence[float] | None = DEFAULT_WINDOW,
+        seed: int = 0,
+    ) -> None:
+        if subset not in ("all", "complete", "incomplete"):
+            raise ValueError(f"subset must be 'all', 'complete' or 'incomplete', got {subset!r}")
+        if crop_size is not None:
+            size = np.asarray(crop_size)
+            if size.shape != (3,) or not np.all(np.mod(size, 1) == 0) or np.any(size < 1):
+                raise ValueError(f"crop_size must be three positive integers (D, H, W) or None, got {crop_size!r}")
+            crop_size = tuple(int(s) for s in size)
+        if target_spacing is not None:
+            target_spacing = spacing3(target_spacing, what="target_spacing")
+        if window is not None:
+            window = tuple(float(w) for w in window)
+            normalize_intensity(np.zeros(1), window=window)  # validates the window early
+        self.root = Path(root)
+        self.split = split
+        self.directory = self.root / split
+        self.subset: Subset = subset
+        self.crop_size: tuple[int, int, int] | None = crop_size
+        self.random_crop = random_crop
+        self.target_spacing = target_spacing
+        self.window = window
+        self.seed = int(seed)
+        self._calls = 0
+
+        all_ids = list_mml_cases(self.root, split)
+        if not all_ids:
+            raise ValueError(f"no cases (<id>_volume.nrrd) in {str(self.directory)!r}; "
+                             "create data with `h3de-lite phantom --out DIR ...`")  # fmt: skip
+        if subset == "all":
+            self.case_ids = all_ids
+        else:
+            complete = {cid: bool(~np.isnan(read_mml_landmarks(self.directory, cid)).any()) for cid in all_ids}
+            self.case_ids = [cid for cid in all_ids if complete[cid] == (subset == "complete")]
+        if not self.case_ids:
+            raise ValueError(
+                f"subset {subset!r} of {str(self.directory)!r} is empty ({len(all_ids)} cases in the split, none "
+                f"{subset}); use subset='all' or add {subset} cases"
+            )
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def __repr__(self) -> str:
+        return (f"LandmarkDataset(root={str(self.root)!r}, split={self.split!r}, subset={self.subset!r}, "
+                f"cases={len(self)}, crop_size={self.crop_size}, random_crop={self.random_crop})")  # fmt: skip
+
+    def _rng(self, index: int) -> np.random.Generator:
+        worker = get_worker_info()
+        entropy = [self.seed, index, self._calls] + ([worker.seed % 2**63] if worker is not None else [])
+        self._calls += 1
+        return np.random.default_rng(entropy)
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} cases")
+        index = index % len(self)
+        case = read_mml_case(self.directory, self.case_ids[index])
+        source_spacing = case.spacing.copy()
+        if self.target_spacing is not None:
+            case = resample(case, spacing=self.target_spacing, order=1)
+        origin = np.zeros(3, dtype=np.int64)
+        if self.crop_size is not None:
+            if self.random_crop:
+                origin = choose_crop_start(case.volume.shape, case.landmarks, self.crop_size, rng=self._rng(index))
+            else:  # centred on the volume: no ground truth at evaluation time
+                origin = (np.asarray(case.volume.shape) - np.asarray(self.crop_size)) // 2
+            case = crop(case, origin, self.crop_size)
+        if self.window is None:
+            image = np.asarray(case.volume, dtype=np.float32)
+        else:
+            image = normalize_intensity(case.volume, window=self.window)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)[None]),
+            "landmarks": torch.from_numpy(case.landmarks.astype(np.float32)),
+            "present": torch.from_numpy(case.present),
+            "spacing": torch.from_numpy(case.spacing.astype(np.float32)),
+            "source_spacing": torch.from_numpy(source_spacing.astype(np.float32)),
+            "origin": torch.from_numpy(np.asarray(origin, dtype=np.int64)),
+            "case_id": case.case_id,
+        }

@@ -1,0 +1,124 @@
+"""LandmarkDataset over a tiny MML-layout folder written in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from h3de_lite.data.case import Case
+from h3de_lite.data.dataset import LandmarkDataset
+from h3de_lite.data.mml import write_mml_case
+from h3de_lite.data.transforms import to_source_voxels
+
+SHAPE = (28, 24, 12)
+SPACING = np.array([0.5, 0.6, 1.2])
+CROP = (16, 16, 8)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """Three train cases (0001, 0002 complete; 0003 missing two landmarks) and one test case."""
+    rng = np.random.default_rng(0)
+    for split, cid, missing in [("train", "0001", []), ("train", "0002", []), ("train", "0003", [4, 11]),
+                                ("test", "0100", [])]:  # fmt: skip
+        landmarks = rng.uniform([9, 8, 3], [17, 14, 8], size=(14, 3))  # fits inside a 16×16×8 crop
+        landmarks[missing] = np.nan
+        volume = rng.integers(-1500, 4000, size=SHAPE).astype(np.int16)
+        write_mml_case(tmp_path / split, Case(volume=volume, landmarks=landmarks, spacing=SPACING, case_id=cid))
+    return tmp_path
+
+
+def test_item_contents(root: Path) -> None:
+    ds = LandmarkDataset(root, "train", crop_size=CROP)
+    assert len(ds) == 3 and ds.case_ids == ["0001", "0002", "0003"]
+    item = ds[2]
+    assert item["image"].shape == (1, *CROP) and item["image"].dtype == torch.float32
+    assert item["image"].min() >= 0 and item["image"].max() <= 255
+    assert item["landmarks"].shape == (14, 3) and item["landmarks"].dtype == torch.float32
+    assert item["present"].dtype == torch.bool and item["present"].tolist() == [i not in (4, 11) for i in range(14)]
+    assert torch.isnan(item["landmarks"][~item["present"]]).all()
+    assert item["spacing"].dtype == torch.float32 and torch.allclose(item["spacing"], torch.tensor(SPACING).float())
+    assert item["origin"].dtype == torch.int64 and item["origin"].shape == (3,)
+    assert item["case_id"] == "0003"
+
+
+def test_landmarks_and_image_map_back_to_the_source(root: Path) -> None:
+    from h3de_lite.data.mml import read_mml_case
+    from h3de_lite.data.transforms import normalize_intensity
+
+    ds = LandmarkDataset(root, "train", crop_size=CROP, seed=3)
+    source = read_mml_case(root / "train", "0001")
+    item = ds[0]
+    o = item["origin"].numpy()
+    back = to_source_voxels(item["landmarks"].double(), origin=item["origin"], spacing=item["spacing"].double(),
+                            source_spacing=item["source_spacing"].double())  # fmt: skip
+    np.testing.assert_allclose(back.numpy(), source.landmarks, atol=1e-5)
+    window = source.volume[o[0] : o[0] + CROP[0], o[1] : o[1] + CROP[1], o[2] : o[2] + CROP[2]]
+    np.testing.assert_allclose(item["image"][0].numpy(), normalize_intensity(window), rtol=1e-6)
+
+
+def test_subsets_use_uncropped_presence(root: Path) -> None:
+    assert LandmarkDataset(root, "train", subset="complete", crop_size=CROP).case_ids == ["0001", "0002"]
+    assert LandmarkDataset(root, "train", subset="incomplete", crop_size=CROP).case_ids == ["0003"]
+    with pytest.raises(ValueError, match="subset 'incomplete'.*empty"):
+        LandmarkDataset(root, "test", subset="incomplete")
+    with pytest.raises(ValueError, match="subset must be"):
+        LandmarkDataset(root, "train", subset="partial")  # type: ignore[arg-type]
+
+
+def test_default_collate(root: Path) -> None:
+    batch = next(iter(DataLoader(LandmarkDataset(root, "train", crop_size=CROP), batch_size=2)))
+    assert batch["image"].shape == (2, 1, *CROP)
+    assert batch["landmarks"].shape == (2, 14, 3) and batch["present"].shape == (2, 14)
+    assert batch["origin"].shape == (2, 3) and batch["case_id"] == ["0001", "0002"]
+
+
+def test_whole_volume_and_centre_crop(root: Path) -> None:
+    whole = LandmarkDataset(root, "test", crop_size=None)[0]
+    assert whole["image"].shape == (1, *SHAPE) and whole["origin"].tolist() == [0, 0, 0]
+    centre = LandmarkDataset(root, "test", crop_size=CROP, random_crop=False)
+    first, again = centre[0], centre[0]
+    assert first["origin"].tolist() == [6, 4, 2]  # (SHAPE - CROP) // 2: the volume centre, not the landmarks
+    assert torch.equal(first["image"], again["image"])
+
+
+def test_random_crops_reproducible_and_varying(root: Path) -> None:
+    a = LandmarkDataset(root, "train", crop_size=CROP, seed=7)
+    b = LandmarkDataset(root, "train", crop_size=CROP, seed=7)
+    first = [a[0]["origin"].tolist() for _ in range(8)]
+    assert first == [b[0]["origin"].tolist() for _ in range(8)]
+    assert len({tuple(o) for o in first}) > 1  # a new crop every epoch
+    for origin in first:  # all landmarks stay in view
+        assert np.all(np.array(origin) >= 0)
+    assert all(a[i]["present"].sum() == b[i]["present"].sum() for i in range(3))
+
+
+def test_target_spacing_and_window_none(root: Path) -> None:
+    ds = LandmarkDataset(root, "test", crop_size=None, target_spacing=1.2, window=None)
+    item = ds[0]
+    assert item["image"].shape == (1, 12, 12, 12)
+    np.testing.assert_allclose(item["spacing"].numpy(), SPACING * np.array(SHAPE) / 12, rtol=1e-6)
+    np.testing.assert_allclose(item["source_spacing"].numpy(), SPACING)
+    assert item["image"].min() < 0  # raw HU kept when window is None
+
+
+def test_errors(root: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"does_not_exist.*h3de-lite phantom --out"):
+        LandmarkDataset(root / "does_not_exist", "train")
+    with pytest.raises(FileNotFoundError, match=r"val.*h3de-lite phantom --out"):
+        LandmarkDataset(root, "val")
+    (root / "empty").mkdir()
+    with pytest.raises(ValueError, match="no cases"):
+        LandmarkDataset(root, "empty")
+    with pytest.raises(ValueError, match="crop_size"):
+        LandmarkDataset(root, "train", crop_size=(16, 16))
+    with pytest.raises(ValueError, match="target_spacing"):
+        LandmarkDataset(root, "train", target_spacing=(1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="window"):
+        LandmarkDataset(root, "train", window=(10.0, 0.0))
+    with pytest.raises(IndexError):
+        LandmarkDataset(root, "train")[3]
