@@ -23,6 +23,7 @@ from h3de_lite.data.nifti import (
     world_to_voxel,
     write_nifti,
 )
+from h3de_lite.data.phantom import Tissue, generate_phantom, write_phantom_dataset
 from h3de_lite.data.transforms import (
     DEFAULT_WINDOW,
     center_crop,
@@ -55,6 +56,9 @@ __all__ = [
     "voxel_to_world",
     "world_to_voxel",
     "write_nifti",
+    "Tissue",
+    "generate_phantom",
+    "write_phantom_dataset",
     "DEFAULT_WINDOW",
     "center_crop",
     "choose_crop_start",
