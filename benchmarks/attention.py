@@ -1,0 +1,387 @@
+"""Benchmark V-BRA against dense multi-head attention and against the BiFormer-legacy (naive) gather.
+
+For each token grid and method it measures the median time of a forward pass (``torch.no_grad``) and of a
+forward + backward pass, and the peak memory of each, then prints one table with ratios taken in the same run.
+
+Methods (same dim, heads and parameters, batch 1):
+
+* ``vbra``  — :class:`h3de_lite.layers.attention.BiLevelRoutingAttention3d` (index gather, chunked query regions,
+  fused ``F.scaled_dot_product_attention``);
+* ``naive`` — the same module with the legacy key/value gather (:func:`h3de_lite.layers.routing.naive_gather`:
+  expand to ``(R, R, T, C)`` then ``torch.gather``) and no chunking, as in BiFormer's ``bra_legacy.py``;
+* ``dense`` — :class:`h3de_lite.layers.attention.DenseAttention3d`, SDPA over all ``D·H·W`` tokens.
+
+Every measurement runs in its own subprocess. Peak memory:
+
+* CPU: the resident set size (RSS). The worker sets ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc returns every freed
+  block above 64 KiB to the OS (RSS then follows the live tensors), runs one warm-up call, resets the kernel's RSS
+  high-water mark (``echo 5 > /proc/self/clear_refs``), and reports ``VmHWM − VmRSS(before the call)`` from
+  ``/proc/self/status``. Timing runs in separate workers with the default allocator.
+* CUDA: ``torch.cuda.max_memory_allocated() − memory_allocated()`` around the measured call.
+
+Usage::
+
+    python benchmarks/attention.py                       # CPU, grids 16×16×8, 32×32×16, 64×64×32
+    python benchmarks/attention.py --device cuda --dense-max-tokens 131072
+
+Explained in book/benchmark_attention.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("dense", "naive", "vbra")
+FAST_S = 0.25  # calls shorter than this are timed several times per round
+SLOW_BUDGET_S = 40.0  # a call stops being timed once its samples add up to this
+
+
+def _parse_grid(text: str) -> tuple[int, int, int]:
+    parts = tuple(int(p) for p in text.lower().split("x"))
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"a grid is D×H×W like 32x32x16, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# worker side: one method, one grid, one kind of measurement
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _build(method: str, cfg: dict):
+    import torch
+
+    from h3de_lite.layers.attention import BiLevelRoutingAttention3d, DenseAttention3d
+    from h3de_lite.layers.routing import naive_gather
+
+    torch.manual_seed(0)
+    if method == "dense":
+        module = DenseAttention3d(dim=cfg["dim"], num_heads=cfg["heads"])
+    else:
+        regions = cfg["regions"] ** 3
+        module = BiLevelRoutingAttention3d(
+            dim=cfg["dim"],
+            num_heads=cfg["heads"],
+            regions_per_side=cfg["regions"],
+            topk=cfg["topk"],
+            query_chunk=regions if method == "naive" else None,  # the legacy code gathers all regions at once
+        )
+        if method == "naive":
+            module.gather = naive_gather
+    device = torch.device(cfg["device"])
+    x = torch.randn(1, cfg["dim"], *cfg["grid"], device=device)
+    return module.to(device), x
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _steps(module, x) -> dict:
+    import torch
+
+    def forward() -> None:
+        with torch.no_grad():
+            module(x)
+
+    def forward_backward() -> None:
+        module.zero_grad(set_to_none=True)
+        module(x).sum().backward()
+
+    return {"fwd": forward, "fb": forward_backward}
+
+
+def _time_worker(cfg: dict) -> dict:
+    """Time every (method, step) of ``cfg["plan"]`` in one process, interleaving the methods round by round so that
+    a change in the load of the shared machine hits all methods alike.
+
+    After a warm-up call, each round times every call; calls shorter than ``FAST_S`` are timed several times per
+    round (more samples where one scheduler hiccup weighs most), and a call is dropped from later rounds once its
+    samples exceed ``SLOW_BUDGET_S`` (at least one sample each). The median of all samples is reported.
+    """
+    import torch
+
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    calls = {}
+    for method, names in cfg["plan"].items():
+        module, x = _build(method, cfg)
+        steps = _steps(module, x)
+        for name in names:
+            calls[(method, name)] = steps[name]
+    times: dict = {key: [] for key in calls}
+    per_round: dict = {}
+    for key, call in calls.items():
+        call()  # warm-up (thread pools, kernel selection, allocator)
+        _sync(cfg["device"])
+        start = time.perf_counter()
+        call()
+        _sync(cfg["device"])
+        first = time.perf_counter() - start
+        times[key].append(first)
+        per_round[key] = max(1, min(10, int(FAST_S / first)))
+    for _ in range(cfg["repeats"] - 1):
+        for key, call in calls.items():
+            if sum(times[key]) > SLOW_BUDGET_S:
+                continue
+            for _ in range(per_round[key]):
+                start = time.perf_counter()
+                call()
+                _sync(cfg["device"])
+                times[key].append(time.perf_counter() - start)
+    result: dict = {method: {} for method in cfg["plan"]}
+    for (method, name), values in times.items():
+        result[method][f"{name}_ms"] = 1e3 * statistics.median(values)
+        result[method][f"{name}_n"] = len(values)
+    return result
+
+
+def _memory_worker(cfg: dict) -> dict:
+    """Peak memory of each step of one method (``cfg["plan"]`` has one entry), after a warm-up call."""
+    import torch
+
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    ((method, names),) = cfg["plan"].items()
+    module, x = _build(method, cfg)
+    steps = _steps(module, x)
+    result: dict = {}
+    for name in names:
+        steps[name]()  # warm-up
+        module.zero_grad(set_to_none=True)
+        gc.collect()
+        if cfg["device"] == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            steps[name]()
+            torch.cuda.synchronize()
+            result[f"{name}_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            base = _rss_kib("VmRSS")
+            steps[name]()
+            result[f"{name}_mb"] = (_rss_kib("VmHWM") - base) / 1024
+    return {method: result}
+
+
+def _worker(cfg: dict) -> dict:
+    return _time_worker(cfg) if cfg["measure"] == "time" else _memory_worker(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# driver side
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _run_worker(cfg: dict) -> dict:
+    env = dict(os.environ)
+    if cfg["measure"] == "memory" and cfg["device"] == "cpu":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        env["MALLOC_TRIM_THRESHOLD_"] = "65536"
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        return {method: {"error": tail[0][:120]} for method in cfg["plan"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _naive_backward_bytes(grid: tuple[int, int, int], args: argparse.Namespace) -> int:
+    """Bytes of the (N, R, R, T, c) gradient buffers the naive gather's backward scatters into (k and v, float32)."""
+    regions = args.regions**3
+    tokens = math.prod(math.ceil(n / args.regions) for n in grid)
+    return 2 * args.heads * regions * regions * tokens * (args.dim // args.heads) * 4
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--grids",
+        type=lambda s: [_parse_grid(g) for g in s.split(",")],
+        default=[(16, 16, 8), (32, 32, 16), (64, 64, 32)],
+        help="token grids D×H×W, comma-separated",
+    )
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--regions", type=int, default=4, help="regions per side S")
+    parser.add_argument("--topk", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--dense-max-tokens",
+        type=int,
+        default=32 * 32 * 16,
+        help="skip dense attention above this many tokens (its cost grows as N²)",
+    )
+    parser.add_argument(
+        "--naive-max-gb",
+        type=float,
+        default=2.0,
+        help="skip the naive gather's backward when its (R, R, T, C) gradient buffers exceed this",
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    threads = args.threads or torch.get_num_threads()
+    ideal = args.regions**3 / args.topk  # N² / (N·k·T) = R / k
+    print(f"# V-BRA attention benchmark — {datetime.date.today().isoformat()}")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    print(
+        f"# device {args.device} ({device_name}), torch {torch.__version__}, {threads} threads; batch 1, "
+        f"dim {args.dim}, heads {args.heads}, S={args.regions} (R={args.regions**3}), topk {args.topk}"
+    )
+    mem_method = (
+        "torch.cuda.max_memory_allocated"
+        if args.device == "cuda"
+        else "RSS high-water mark (VmHWM after clear_refs) minus RSS before the call, one subprocess each"
+    )
+    print(
+        f"# time: median of the timed calls after one warm-up ({args.repeats} rounds, methods interleaved in one "
+        f"process; calls under {FAST_S} s repeated up to 10× per round, calls stop after {SLOW_BUDGET_S:.0f} s "
+        f"of samples; n = samples fwd/fwd+bwd)"
+    )
+    print(f"# peak memory: {mem_method}")
+
+    rows: dict[tuple, dict] = {}
+    notes: list[str] = []
+    for grid in args.grids:
+        tokens = math.prod(grid)
+        plan: dict[str, list[str]] = {}
+        for method in METHODS:
+            if method == "dense" and tokens > args.dense_max_tokens:
+                notes.append(
+                    f"dense skipped at {'×'.join(map(str, grid))} ({tokens} tokens > --dense-max-tokens "
+                    f"{args.dense_max_tokens}: its cost grows as N²)"
+                )
+                continue
+            plan[method] = ["fwd", "fb"]
+            if method == "naive" and _naive_backward_bytes(grid, args) > args.naive_max_gb * 2**30:
+                plan[method] = ["fwd"]
+                notes.append(
+                    f"naive fwd+bwd skipped at {'×'.join(map(str, grid))}: its backward scatters into "
+                    f"(R, R, T, C) buffers of {_naive_backward_bytes(grid, args) / 2**30:.1f} GiB"
+                )
+        base = {
+            "grid": grid,
+            "dim": args.dim,
+            "heads": args.heads,
+            "regions": args.regions,
+            "topk": args.topk,
+            "device": args.device,
+            "threads": args.threads,
+            "repeats": args.repeats,
+        }
+        results: dict[str, dict] = {method: {} for method in METHODS}
+        for method, values in _run_worker({**base, "plan": plan, "measure": "time"}).items():
+            results[method].update(values)
+        for method in plan:
+            for key, values in _run_worker({**base, "plan": {method: plan[method]}, "measure": "memory"}).items():
+                results[key].update(values)
+        for method in METHODS:
+            rows[(grid, method)] = results[method]
+            print(f"  measured {method:5s} {'×'.join(map(str, grid))}: {results[method]}", file=sys.stderr, flush=True)
+
+    header = (
+        "| grid (tokens) | method | fwd ms | fwd+bwd ms | n | fwd peak MB | fwd+bwd peak MB "
+        "| fwd speed-up vs dense | fwd+bwd speed-up vs dense | fwd mem / dense "
+        "| fwd speed-up vs naive | fwd mem / naive |"
+    )
+    columns = header.count("|") - 1
+    print()
+    print(header)
+    print("|" + "|".join(["---"] * columns) + "|")
+
+    def ratio(num: float | None, den: float | None, spec: str, suffix: str = "") -> str:
+        return "—" if num is None or den is None else format(num / den, spec) + suffix
+
+    checks: list[str] = []
+    for grid in args.grids:
+        dense, naive, vbra = (rows[(grid, m)] for m in METHODS)
+        label = f"{'×'.join(map(str, grid))} ({math.prod(grid)})"
+        for method, row in (("dense", dense), ("naive", naive), ("vbra", vbra)):
+            if not row or "error" in row:
+                reason = f"error: {row['error']}" if row else "skipped (see notes)"
+                print(f"| {label} | {method} | {reason} |" + " |" * (columns - 3))
+                continue
+            samples = "/".join(str(row[key]) if key in row else "—" for key in ("fwd_n", "fb_n"))
+            cells = [
+                _fmt(row.get("fwd_ms")),
+                _fmt(row.get("fb_ms")),
+                samples,
+                _fmt(row.get("fwd_mb")),
+                _fmt(row.get("fb_mb")),
+            ]
+            if method == "vbra":
+                cells += [
+                    ratio(dense.get("fwd_ms"), row.get("fwd_ms"), ".1f", "×"),
+                    ratio(dense.get("fb_ms"), row.get("fb_ms"), ".1f", "×"),
+                    ratio(row.get("fwd_mb"), dense.get("fwd_mb"), ".2f"),
+                    ratio(naive.get("fwd_ms"), row.get("fwd_ms"), ".1f", "×"),
+                    ratio(row.get("fwd_mb"), naive.get("fwd_mb"), ".2f"),
+                ]
+            else:
+                cells += [""] * 5
+            print(f"| {label} | {method} | " + " | ".join(cells) + " |")
+        if "fwd_ms" in dense and "fwd_ms" in vbra:
+            speedup = dense["fwd_ms"] / vbra["fwd_ms"]
+            checks.append(
+                f"{'×'.join(map(str, grid))}: V-BRA forward {speedup:.1f}× faster than dense; ideal by "
+                f"attention FLOPs R/k = {ideal:.0f}×, achieved fraction {speedup / ideal:.2f}; peak memory "
+                f"{vbra['fwd_mb']:.1f} MB vs dense {dense['fwd_mb']:.1f} MB"
+            )
+        if tuple(grid) == (32, 32, 16) and "fwd_ms" in dense and "fwd_ms" in vbra:
+            ok = dense["fwd_ms"] / vbra["fwd_ms"] >= 8 and vbra["fwd_mb"] <= dense["fwd_mb"]
+            checks.append(
+                "acceptance 32×32×16 (forward ≥ 8× faster than dense, peak memory no higher): "
+                + ("PASS" if ok else "FAIL")
+            )
+        if tuple(grid) == (64, 64, 32) and "fwd_mb" in vbra:
+            worst = max(vbra.get("fwd_mb", 0.0), vbra.get("fb_mb", 0.0))
+            checks.append(
+                "acceptance 64×64×32 (peak memory < 4 GB in forward and forward+backward): "
+                f"{'PASS' if worst < 4096 else 'FAIL'} ({worst:.0f} MB)"
+            )
+    print()
+    for line in notes + checks:
+        print(f"- {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

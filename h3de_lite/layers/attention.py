@@ -1,0 +1,236 @@
+"""Attention modules: V-BRA (volumetric bi-level routing attention) and its dense counterpart.
+
+Both share one parameter layout (``qkv``, ``lepe``, ``proj``), so a state dict trained with one runs in the other, and
+V-BRA with ``topk`` equal to the number of regions computes exactly dense attention.
+
+Explained in notebooks/03_attention.ipynb.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from h3de_lite.layers.routing import (
+    Routing,
+    gather_regions,
+    make_layout,
+    merge_regions,
+    normalize_grid,
+    pad_to_layout,
+    partition_regions,
+    regional_routing_attention,
+    token_mask,
+)
+
+__all__ = ["BiLevelRoutingAttention3d", "DenseAttention3d", "Routing"]
+
+
+class _AttentionBase(nn.Module):
+    """Shared parameters and validation: ``qkv`` projection, LePE depthwise conv on v, output projection ``proj``."""
+
+    def __init__(self, *, dim: int, num_heads: int, qk_dim: int | None, lepe_kernel: int) -> None:
+        super().__init__()
+        qk_dim = dim if qk_dim is None else qk_dim
+        if dim < 1 or num_heads < 1:
+            raise ValueError(f"dim and num_heads must be positive, got dim={dim}, num_heads={num_heads}")
+        if dim % num_heads or qk_dim % num_heads:
+            raise ValueError(
+                f"dim ({dim}) and qk_dim ({qk_dim}) must be divisible by num_heads ({num_heads}); "
+                "change num_heads or the channel counts"
+            )
+        if lepe_kernel < 0 or (lepe_kernel > 0 and lepe_kernel % 2 == 0):
+            raise ValueError(f"lepe_kernel must be odd (e.g. 3 or 5) or 0 to disable LePE, got {lepe_kernel}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.qk_dim = qk_dim
+        self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
+        self.lepe = (
+            nn.Conv3d(dim, dim, kernel_size=lepe_kernel, padding=lepe_kernel // 2, groups=dim)
+            if lepe_kernel > 0
+            else None
+        )
+        self.proj = nn.Linear(dim, dim)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 5 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"{type(self).__name__} expects channels-last input (B, D, H, W, C={self.dim}) here, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def _lepe(self, v: Tensor) -> Tensor:
+        """LePE: depthwise 3D conv of the values ``(B, D, H, W, C)`` → ``(B, D, H, W, C)``; zeros when disabled."""
+        if self.lepe is None:
+            return torch.zeros_like(v)
+        return self.lepe(v.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)  # conv in (B, C, D, H, W), back
+
+    def forward_channels_last(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, D, H, W)`` → ``(B, C, D, H, W)``."""
+        if x.ndim != 5 or x.shape[1] != self.dim:
+            raise ValueError(f"{type(self).__name__} expects (B, C={self.dim}, D, H, W), got shape {tuple(x.shape)}")
+        out = self.forward_channels_last(x.permute(0, 2, 3, 4, 1))  # (B, D, H, W, C)
+        return out.permute(0, 4, 1, 2, 3)  # (B, C, D, H, W)
+
+
+class BiLevelRoutingAttention3d(_AttentionBase):
+    """Volumetric bi-level routing attention, V-BRA (paper Sec. II, eq. 3–4; BiFormer's BRA in 3D).
+
+    STEP 1 projects tokens to q, k, v. STEP 2 cuts the volume into ``S_d × S_h × S_w`` regions, averages q and k per
+    region (real tokens only) and keeps, per query region, the ``topk`` key regions of highest
+    ``softmax(Qʳ Kʳᵀ/√d)`` (eq. 3). STEP 3 lets every query token attend, with ``num_heads`` heads, to the tokens of
+    its region's routed regions (eq. 4); a depthwise 3D conv of v (LePE) is added and the result projected.
+
+    Sizes that do not divide into regions are zero-padded at the far end of D, H and W; padded tokens are left out of
+    the region means and masked out of the attention, and the output is cropped back.
+
+    Args:
+        dim: channels C.
+        num_heads: heads M; ``dim`` and ``qk_dim`` must be divisible by it.
+        regions_per_side: S, or ``(S_d, S_h, S_w)``.
+        topk: k key regions per query region, ``1 ≤ k ≤ S_d·S_h·S_w``.
+        qk_dim: channels of q and k (default ``dim``).
+        lepe_kernel: kernel of the LePE depthwise conv (odd), 0 to disable.
+        qk_scale: token attention scale (default ``(qk_dim / num_heads) ** -0.5``).
+        fused: ``F.scaled_dot_product_attention`` (True) or the written-out einsum reference (False).
+        query_chunk: query regions per chunk of STEP 3 (over the B·R of the batch); None picks it from the gathered size
+            (:func:`~h3de_lite.layers.routing.auto_query_chunk`) under ``torch.no_grad()`` and uses one chunk
+            while autograd records (the backward keeps every chunk's gather anyway).
+
+    Shape:
+        input ``(B, C, D, H, W)`` → output ``(B, C, D, H, W)``; with ``return_routing=True`` also a
+        :class:`~h3de_lite.layers.routing.Routing` with indices/scores ``(B, R, k)``.
+
+    Example:
+        >>> attn = BiLevelRoutingAttention3d(dim=32, num_heads=4, regions_per_side=2, topk=2)
+        >>> attn(torch.randn(1, 32, 8, 8, 4)).shape
+        torch.Size([1, 32, 8, 8, 4])
+
+    Explained in notebooks/03_attention.ipynb.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int = 8,
+        regions_per_side: int | tuple[int, int, int] = 4,
+        topk: int = 4,
+        qk_dim: int | None = None,
+        lepe_kernel: int = 5,
+        qk_scale: float | None = None,
+        fused: bool = True,
+        query_chunk: int | None = None,
+    ) -> None:
+        super().__init__(dim=dim, num_heads=num_heads, qk_dim=qk_dim, lepe_kernel=lepe_kernel)
+        self.grid = normalize_grid(regions_per_side)
+        num_regions = self.grid[0] * self.grid[1] * self.grid[2]
+        if not (isinstance(topk, int) and 1 <= topk <= num_regions):
+            raise ValueError(
+                f"topk must be an int between 1 and the number of regions {num_regions} "
+                f"(regions_per_side={self.grid}), got {topk!r}"
+            )
+        if query_chunk is not None and query_chunk < 1:
+            raise ValueError(f"query_chunk must be a positive number of regions or None (automatic), got {query_chunk}")
+        self.topk = topk
+        self.scale = qk_scale if qk_scale is not None else (self.qk_dim // num_heads) ** -0.5
+        self.routing_scale = self.qk_dim**-0.5
+        self.fused = fused
+        self.query_chunk = query_chunk
+        # The key/value gather; benchmarks swap in routing.naive_gather (the BiFormer-legacy expansion) here.
+        self.gather = gather_regions
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, regions_per_side={self.grid}, topk={self.topk}"
+
+    def forward_channels_last(self, x: Tensor, *, return_routing: bool = False) -> Tensor | tuple[Tensor, Routing]:
+        """V-BRA on channels-last tokens ``(B, D, H, W, C)`` → ``(B, D, H, W, C)`` (what :class:`VBRABlock` calls)."""
+        self._check_input(x)
+        d, h, w = x.shape[1:4]
+        layout = make_layout((d, h, w), self.grid)
+        valid = token_mask(layout, device=x.device) if layout.needs_padding else None  # (R, T) or None
+        x = partition_regions(pad_to_layout(x, layout), layout)  # (B, R, T, C): pad far ends, cut into regions
+
+        # STEP 1: linear projection to q and to k, v (side by side, so one gather serves both), in region layout.
+        weight, bias = self.qkv.weight, self.qkv.bias  # rows: q (qk_dim), k (qk_dim), v (dim)
+        q = F.linear(x, weight[: self.qk_dim], bias[: self.qk_dim])  # (B, R, T, qk_dim)
+        kv = F.linear(x, weight[self.qk_dim :], bias[self.qk_dim :])  # (B, R, T, qk_dim + C)
+        del x
+
+        # STEP 2 + STEP 3: region-to-region routing (eq. 3) and token-to-token attention (eq. 4).
+        out, indices, scores = regional_routing_attention(
+            q,
+            kv,
+            num_heads=self.num_heads,
+            topk=self.topk,
+            scale=self.scale,
+            routing_scale=self.routing_scale,
+            valid=valid,
+            fused=self.fused,
+            query_chunk=self.query_chunk,
+            gather=self.gather,
+        )  # (B, R, T, C)
+        del q
+        out = merge_regions(out, layout)[:, :d, :h, :w]  # (B, D, H, W, C), padding cropped
+
+        # LePE: depthwise conv of v on the (unpadded) volume, added before the output projection.
+        v = merge_regions(kv[..., self.qk_dim :], layout)[:, :d, :h, :w]  # (B, D, H, W, C)
+        del kv
+        out = self.proj(out + self._lepe(v))  # (B, D, H, W, C)
+        if return_routing:
+            return out, Routing(indices=indices, scores=scores, grid=layout.grid, padded_shape=layout.padded_shape)
+        return out
+
+    def forward(self, x: Tensor, *, return_routing: bool = False) -> Tensor | tuple[Tensor, Routing]:
+        """``(B, C, D, H, W)`` → ``(B, C, D, H, W)`` (and the :class:`Routing` when ``return_routing``)."""
+        if x.ndim != 5 or x.shape[1] != self.dim:
+            raise ValueError(f"{type(self).__name__} expects (B, C={self.dim}, D, H, W), got shape {tuple(x.shape)}")
+        result = self.forward_channels_last(x.permute(0, 2, 3, 4, 1), return_routing=return_routing)
+        if return_routing:
+            out, routing = result
+            return out.permute(0, 4, 1, 2, 3), routing  # (B, C, D, H, W)
+        return result.permute(0, 4, 1, 2, 3)  # (B, C, D, H, W)
+
+
+class DenseAttention3d(_AttentionBase):
+    """Plain multi-head self-attention over all ``D·H·W`` tokens, with V-BRA's parameters (``qkv``, ``lepe``, ``proj``).
+
+    The dense reference of the attention benchmark, and what V-BRA computes when ``topk`` equals the number of
+    regions. Uses ``F.scaled_dot_product_attention``.
+
+    Args:
+        dim: channels C.
+        num_heads: heads M.
+        qk_dim: channels of q and k (default ``dim``).
+        lepe_kernel: kernel of the LePE depthwise conv (odd), 0 to disable.
+
+    Shape:
+        ``(B, C, D, H, W)`` → ``(B, C, D, H, W)``.
+
+    Example:
+        >>> DenseAttention3d(dim=32, num_heads=4)(torch.randn(1, 32, 8, 8, 4)).shape
+        torch.Size([1, 32, 8, 8, 4])
+
+    Explained in notebooks/03_attention.ipynb.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int = 8, qk_dim: int | None = None, lepe_kernel: int = 5) -> None:
+        super().__init__(dim=dim, num_heads=num_heads, qk_dim=qk_dim, lepe_kernel=lepe_kernel)
+
+    def forward_channels_last(self, x: Tensor) -> Tensor:
+        """Dense attention on channels-last tokens ``(B, D, H, W, C)`` → ``(B, D, H, W, C)``."""
+        self._check_input(x)
+        d, h, w = x.shape[1:4]
+        q, k, v = self.qkv(x).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)  # (B, D, H, W, ·) each
+        lepe = self._lepe(v)  # (B, D, H, W, C)
+        to_heads = "b d h w (m c) -> b m (d h w) c"
+        q, k, v = (rearrange(t, to_heads, m=self.num_heads) for t in (q, k, v))  # (B, M, N, c)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, M, N, C/M)
+        del q, k, v  # free before the output projection
+        out = rearrange(out, "b m (d h w) c -> b d h w (m c)", d=d, h=h, w=w)  # (B, D, H, W, C)
+        return self.proj(out + lepe)  # (B, D, H, W, C)

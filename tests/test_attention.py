@@ -1,0 +1,143 @@
+"""Tests of BiLevelRoutingAttention3d (V-BRA) and DenseAttention3d."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from h3de_lite.layers.attention import BiLevelRoutingAttention3d, DenseAttention3d, Routing
+from h3de_lite.layers.routing import naive_gather
+
+
+def _vbra(**kwargs) -> BiLevelRoutingAttention3d:
+    kwargs = {"dim": 16, "num_heads": 2, **kwargs}
+    return BiLevelRoutingAttention3d(**kwargs).double()
+
+
+@pytest.mark.parametrize("spatial", [(8, 8, 4), (9, 10, 7)])
+def test_topk_all_regions_equals_dense(spatial):
+    """With k = R every query sees every key: any grid gives dense attention, padded or not."""
+    x = torch.randn(2, 16, *spatial, dtype=torch.float64)
+    one_region = _vbra(regions_per_side=1, topk=1)
+    expected = one_region(x)
+    state = one_region.state_dict()
+    for grid, topk, fused in [(2, 8, True), (2, 8, False), ((2, 3, 1), 6, True), (4, 64, True)]:
+        attn = _vbra(regions_per_side=grid, topk=topk, fused=fused)
+        attn.load_state_dict(state)
+        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=0)
+    dense = DenseAttention3d(dim=16, num_heads=2).double()
+    dense.load_state_dict(state)
+    torch.testing.assert_close(dense(x), expected, atol=1e-5, rtol=0)
+
+
+def test_state_dict_is_independent_of_grid_and_topk():
+    keys = set(_vbra(regions_per_side=1, topk=1).state_dict())
+    assert keys == set(_vbra(regions_per_side=(2, 3, 4), topk=5).state_dict())
+    assert keys == set(DenseAttention3d(dim=16, num_heads=2).state_dict())
+    assert keys == {"qkv.weight", "qkv.bias", "lepe.weight", "lepe.bias", "proj.weight", "proj.bias"}
+
+
+SHAPE_CASES = [
+    [{"dim": 16, "num_heads": 2, "regions_per_side": 2, "topk": 2}, (1, 16, 8, 8, 4), (1, 16, 8, 8, 4)],
+    [{"dim": 16, "num_heads": 4, "regions_per_side": (2, 2, 1), "topk": 4}, (2, 16, 6, 8, 4), (2, 16, 6, 8, 4)],
+    [{"dim": 24, "num_heads": 3, "regions_per_side": 3, "topk": 5, "qk_dim": 12}, (1, 24, 7, 5, 9), (1, 24, 7, 5, 9)],
+    [{"dim": 8, "num_heads": 1, "regions_per_side": 4, "topk": 1, "lepe_kernel": 0}, (1, 8, 3, 4, 2), (1, 8, 3, 4, 2)],
+    [{"dim": 8, "num_heads": 2, "regions_per_side": 2, "topk": 3, "fused": False}, (1, 8, 4, 4, 4), (1, 8, 4, 4, 4)],
+]
+
+
+@pytest.mark.parametrize(("kwargs", "input_shape", "expected_shape"), SHAPE_CASES)
+def test_shapes(kwargs, input_shape, expected_shape):
+    out = BiLevelRoutingAttention3d(**kwargs)(torch.randn(input_shape))
+    assert out.shape == expected_shape
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("spatial", [(8, 8, 4), (9, 10, 7)])
+def test_every_parameter_gets_a_gradient(spatial):
+    attn = BiLevelRoutingAttention3d(dim=16, num_heads=2, regions_per_side=4, topk=3)
+    x = torch.randn(2, 16, *spatial, requires_grad=True)
+    out = attn(x)
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for name, param in attn.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("spatial", [(8, 8, 8), (9, 10, 7)])
+def test_fused_equals_reference_and_chunked_equals_unchunked(spatial):
+    x = torch.randn(2, 16, *spatial, dtype=torch.float64)
+    reference = _vbra(regions_per_side=2, topk=3, fused=False, query_chunk=8)
+    expected = reference(x)
+    for fused, chunk in [(True, 8), (True, 1), (True, None), (False, 3), (False, None)]:
+        attn = _vbra(regions_per_side=2, topk=3, fused=fused, query_chunk=chunk)
+        attn.load_state_dict(reference.state_dict())
+        torch.testing.assert_close(attn(x), expected, atol=1e-6, rtol=0)
+
+
+def test_naive_gather_module_matches():
+    x = torch.randn(1, 16, 9, 10, 7, dtype=torch.float64)
+    attn = _vbra(regions_per_side=2, topk=3)
+    expected = attn(x)
+    attn.gather = naive_gather
+    torch.testing.assert_close(attn(x), expected, atol=1e-12, rtol=0)
+
+
+def test_routing_is_returned_for_drawing():
+    attn = _vbra(regions_per_side=(2, 3, 2), topk=4)
+    x = torch.randn(2, 16, 9, 10, 7, dtype=torch.float64)
+    out, routing = attn(x, return_routing=True)
+    assert isinstance(routing, Routing)
+    assert out.shape == x.shape
+    assert routing.indices.shape == (2, 12, 4) and routing.indices.dtype == torch.long
+    assert routing.scores.shape == (2, 12, 4)
+    assert routing.grid == (2, 3, 2) and routing.padded_shape == (10, 12, 8)
+    assert (routing.scores[..., :-1] >= routing.scores[..., 1:]).all()  # best first
+    assert (routing.scores.sum(-1) <= 1 + 1e-9).all()
+    assert torch.equal(out, attn(x))
+
+
+def test_padding_regions_are_never_routed_while_real_ones_remain():
+    # D = 9 with S_d = 4: regions of 3 tokens, the last slab (tokens 9–11) is pure padding; 48 real regions remain.
+    attn = _vbra(regions_per_side=4, topk=40)
+    _, routing = attn(torch.randn(1, 16, 9, 10, 7, dtype=torch.float64), return_routing=True)
+    slab = routing.indices // 16  # region index → its D slab
+    assert (slab < 3).all()
+
+
+def test_locality_with_few_regions_differs_from_dense():
+    x = torch.randn(1, 16, 8, 8, 4, dtype=torch.float64)
+    attn = _vbra(regions_per_side=2, topk=1)
+    dense = DenseAttention3d(dim=16, num_heads=2).double()
+    dense.load_state_dict(attn.state_dict())
+    assert not torch.allclose(attn(x), dense(x), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dim": 16, "num_heads": 3}, "divisible by num_heads"),
+        ({"dim": 16, "num_heads": 2, "qk_dim": 7}, "divisible by num_heads"),
+        ({"dim": 16, "num_heads": 2, "regions_per_side": 2, "topk": 9}, "topk"),
+        ({"dim": 16, "num_heads": 2, "topk": 0}, "topk"),
+        ({"dim": 16, "num_heads": 2, "regions_per_side": (2, 2)}, "regions_per_side"),
+        ({"dim": 16, "num_heads": 2, "lepe_kernel": 4}, "lepe_kernel"),
+        ({"dim": 16, "num_heads": 2, "query_chunk": 0}, "query_chunk"),
+    ],
+)
+def test_invalid_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BiLevelRoutingAttention3d(**kwargs)
+
+
+def test_wrong_input_raises():
+    attn = BiLevelRoutingAttention3d(dim=16, num_heads=2, regions_per_side=2, topk=2)
+    with pytest.raises(ValueError, match="C=16"):
+        attn(torch.randn(1, 8, 4, 4, 4))
+    with pytest.raises(ValueError, match="C=16"):
+        attn(torch.randn(16, 4, 4, 4))
+    with pytest.raises(ValueError, match="C=16"):
+        DenseAttention3d(dim=16, num_heads=2)(torch.randn(1, 8, 4, 4, 4))

@@ -1,0 +1,243 @@
+"""Tests of the pure V-BRA functions: layout, padding, masks, routing (eq. 3), gathers, token attention (eq. 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from h3de_lite.layers.routing import (
+    auto_query_chunk,
+    gather_key_mask,
+    gather_regions,
+    make_layout,
+    merge_regions,
+    naive_gather,
+    normalize_grid,
+    pad_to_layout,
+    partition_regions,
+    region_means,
+    regional_routing_attention,
+    route_regions,
+    token_attention_fused,
+    token_attention_reference,
+    token_mask,
+)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(4, (4, 4, 4)), ((2, 3, 1), (2, 3, 1)), ([1, 2, 3], (1, 2, 3))])
+def test_normalize_grid(value, expected):
+    assert normalize_grid(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, (2, 2), (2, 0, 2), (2.0, 2, 2), True])
+def test_normalize_grid_rejects(value):
+    with pytest.raises(ValueError, match="regions_per_side"):
+        normalize_grid(value)
+
+
+@pytest.mark.parametrize(
+    ("spatial", "grid", "region_size", "padded"),
+    [
+        ((8, 8, 4), (2, 2, 2), (4, 4, 2), (8, 8, 4)),
+        ((9, 10, 7), (2, 2, 2), (5, 5, 4), (10, 10, 8)),
+        ((9, 10, 7), (4, 4, 4), (3, 3, 2), (12, 12, 8)),
+        ((16, 8, 4), (4, 2, 1), (4, 4, 4), (16, 8, 4)),
+    ],
+)
+def test_make_layout(spatial, grid, region_size, padded):
+    layout = make_layout(spatial, grid)
+    assert layout.region_size == region_size
+    assert layout.padded_shape == padded
+    assert layout.needs_padding == (padded != spatial)
+    assert layout.num_regions == int(np.prod(grid))
+    assert layout.tokens_per_region == int(np.prod(region_size))
+
+
+def test_pad_pads_the_spatial_axes_at_the_far_end():
+    layout = make_layout((9, 10, 7), (2, 2, 2))
+    x = torch.rand(2, 9, 10, 7, 3) + 1.0
+    padded = pad_to_layout(x, layout)
+    assert padded.shape == (2, 10, 10, 8, 3)  # channels untouched, D and W padded
+    assert torch.equal(padded[:, :9, :10, :7], x)
+    assert padded[:, 9:].abs().sum() == 0 and padded[:, :, :, 7:].abs().sum() == 0
+
+
+def test_partition_places_tokens_in_known_regions_and_merge_inverts():
+    layout = make_layout((4, 6, 2), (2, 3, 1))  # regions of 2×2×2 tokens
+    d, h, w = np.meshgrid(np.arange(4), np.arange(6), np.arange(2), indexing="ij")
+    coords = torch.from_numpy(np.stack([d, h, w], axis=-1)).float()[None]  # (1, 4, 6, 2, 3)
+    regions = partition_regions(coords, layout)  # (1, R, T, 3)
+    assert regions.shape == (1, 6, 8, 3)
+    for r in range(6):
+        rd, rh, rw = np.unravel_index(r, layout.grid)
+        tokens = regions[0, r]  # (T, 3)
+        assert set(tokens[:, 0].int().tolist()) == {2 * rd, 2 * rd + 1}
+        assert set(tokens[:, 1].int().tolist()) == {2 * rh, 2 * rh + 1}
+        assert set(tokens[:, 2].int().tolist()) == {0, 1}
+        assert tuple(tokens[3].int().tolist()) == (2 * rd + 0, 2 * rh + 1, 1)  # t = 3 ↔ (0, 1, 1) inside region
+    assert torch.equal(merge_regions(regions, layout), coords)
+
+
+def test_token_mask_counts_real_tokens():
+    layout = make_layout((9, 10, 7), (4, 4, 4))
+    valid = token_mask(layout)
+    assert valid.shape == (64, 18) and valid.dtype == torch.bool
+    assert valid.sum() == 9 * 10 * 7
+    per_region = valid.sum(1).reshape(4, 4, 4)
+    assert per_region[3].sum() == 0  # D = 9 → the 4th slab of regions (tokens 9–11) holds only padding
+    assert per_region[0, 0, 0] == 3 * 3 * 2
+    assert per_region[2, 3, 3] == 3 * 1 * 1  # H tokens 9..11 → only 9 real, W tokens 6..7 → only 6 real
+
+
+def test_region_means_ignore_padding_and_never_nan():
+    layout = make_layout((3, 1, 1), (2, 1, 1))  # regions of 2 tokens along D: [t0, t1], [t2, pad]
+    x = torch.tensor([1.0, 3.0, 5.0]).reshape(1, 3, 1, 1, 1)
+    regions = partition_regions(pad_to_layout(x, layout), layout)  # (1, 2, 2, 1)
+    means = region_means(regions, token_mask(layout))
+    assert means.flatten().tolist() == [2.0, 5.0]  # not (5 + 0) / 2
+    empty = make_layout((1, 1, 1), (3, 1, 1))  # two regions of pure padding
+    means = region_means(torch.zeros(1, 3, 1, 4), token_mask(empty))
+    assert torch.isfinite(means).all() and means.abs().sum() == 0
+
+
+def test_route_regions_picks_known_regions():
+    # keys of region j point along axis j; the query of region i points along axis perm[i] (strongly) and
+    # along axis second[i] (weakly): top-1 must be perm[i], top-2 second[i].
+    perm = [2, 0, 3, 1]
+    second = [1, 3, 0, 2]
+    keys = torch.eye(4)[None]  # (1, 4, 4)
+    queries = (4.0 * torch.eye(4)[perm] + 2.0 * torch.eye(4)[second])[None]
+    indices, scores = route_regions(queries, keys, topk=2, scale=1.0)
+    assert indices[0, :, 0].tolist() == perm
+    assert indices[0, :, 1].tolist() == second
+    probs = torch.softmax(queries[0] @ keys[0].T, dim=-1)  # eq. 3 by hand
+    assert torch.allclose(scores[0], probs.gather(1, indices[0]))
+
+
+def test_route_regions_skips_padding_regions_and_validates_topk():
+    queries = torch.ones(1, 3, 2)
+    keys = torch.tensor([[[5.0, 5.0], [0.0, 0.0], [1.0, 1.0]]])  # region 0 would win, but it is padding
+    indices, scores = route_regions(queries, keys, topk=2, scale=1.0, key_valid=torch.tensor([False, True, True]))
+    assert indices[0, :, 0].tolist() == [2, 2, 2] and indices[0, :, 1].tolist() == [1, 1, 1]
+    assert torch.allclose(scores.sum(-1), torch.ones(1, 3))  # padding has probability 0
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="topk"):
+            route_regions(queries, keys, topk=bad, scale=1.0)
+
+
+def test_gathers_match_a_loop_and_each_other():
+    x = torch.randn(3, 6, 5, 4, dtype=torch.float64, requires_grad=True)
+    indices = torch.randint(0, 6, (3, 4, 2))
+    fast = gather_regions(x, indices)
+    naive = naive_gather(x, indices)
+    loop = torch.stack([torch.stack([torch.cat([x[n, j] for j in indices[n, r]]) for r in range(4)]) for n in range(3)])
+    assert fast.shape == (3, 4, 2 * 5, 4)
+    assert torch.equal(fast, loop) and torch.equal(naive, loop)
+    weights = torch.randn_like(fast)
+    (grad_fast,) = torch.autograd.grad((fast * weights).sum(), x)
+    (grad_naive,) = torch.autograd.grad((naive_gather(x, indices) * weights).sum(), x)
+    assert torch.allclose(grad_fast, grad_naive)
+
+
+def test_gather_key_mask():
+    valid = torch.tensor([[True, False], [True, True], [False, False]])
+    indices = torch.tensor([[[1, 0], [2, 1]]])
+    mask = gather_key_mask(valid, indices)
+    assert mask.tolist() == [[[True, True, True, False], [False, False, True, True]]]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_equals_reference(masked):
+    q = torch.randn(6, 5, 8, dtype=torch.float64)
+    k = torch.randn(6, 10, 8, dtype=torch.float64)
+    v = torch.randn(6, 10, 12, dtype=torch.float64)
+    mask = torch.rand(6, 10) > 0.3 if masked else None
+    if mask is not None:
+        mask[..., 0] = True  # every query keeps at least one key
+    ref = token_attention_reference(q, k, v, num_heads=2, scale=0.5, key_mask=mask)
+    fused = token_attention_fused(q, k, v, num_heads=2, scale=0.5, key_mask=mask)
+    assert ref.shape == (6, 5, 12)
+    torch.testing.assert_close(fused, ref, atol=1e-6, rtol=0)
+    if mask is not None:  # masked keys have no influence
+        v2 = v.masked_fill(~mask[..., None], 1e3)
+        torch.testing.assert_close(token_attention_reference(q, k, v2, num_heads=2, scale=0.5, key_mask=mask), ref)
+
+
+def test_reference_is_per_head_softmax_attention():
+    """Head 1 of the output only sees channels of head 1: compare with a one-head computation by hand."""
+    q, k, v = (
+        torch.randn(3, 4, 6, dtype=torch.float64),
+        torch.randn(3, 7, 6, dtype=torch.float64),
+        torch.randn(3, 7, 6, dtype=torch.float64),
+    )
+    out = token_attention_reference(q, k, v, num_heads=2, scale=0.7)
+    weights = torch.softmax(q[..., 3:] @ k[..., 3:].transpose(1, 2) * 0.7, dim=-1)  # (3, 4, 7)
+    torch.testing.assert_close(out[..., 3:], weights @ v[..., 3:])
+
+
+def _routing_inputs(num_regions: int = 6, tokens: int = 5, batch: int = 2, channels: int = 8):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, num_regions, tokens, channels, dtype=torch.float64, generator=generator)
+    kv = torch.randn(batch, num_regions, tokens, 2 * channels, dtype=torch.float64, generator=generator)
+    return q, kv
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_chunked_equals_unchunked(fused):
+    q, kv = _routing_inputs()
+    valid = torch.rand(6, 5) > 0.3
+    valid[:, 0] = True
+    kwargs = dict(num_heads=2, topk=3, scale=0.5, routing_scale=0.35, valid=valid, fused=fused)
+    full, idx, scores = regional_routing_attention(q, kv, query_chunk=12, **kwargs)
+    assert full.shape == (2, 6, 5, 8) and idx.shape == (2, 6, 3)
+    for chunk in (1, 5, None):
+        out, idx_c, scores_c = regional_routing_attention(q, kv, query_chunk=chunk, **kwargs)
+        torch.testing.assert_close(out, full, atol=1e-12, rtol=0)
+        assert torch.equal(idx_c, idx) and torch.equal(scores_c, scores)
+
+
+def test_chunked_gradients_equal_unchunked():
+    grads = []
+    for chunk in (12, 5, 1):
+        q, kv = (t.requires_grad_() for t in _routing_inputs())
+        out, _, _ = regional_routing_attention(
+            q, kv, num_heads=2, topk=3, scale=0.5, routing_scale=0.35, query_chunk=chunk
+        )
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        grads.append(torch.autograd.grad((out * weights).sum(), (q, kv)))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_batch_elements_route_and_attend_independently():
+    q, kv = _routing_inputs()
+    kwargs = dict(num_heads=2, topk=2, scale=0.5, routing_scale=0.35, query_chunk=4)
+    out, indices, _ = regional_routing_attention(q, kv, **kwargs)
+    for b in range(2):
+        single, single_idx, _ = regional_routing_attention(q[b : b + 1], kv[b : b + 1], **kwargs)
+        torch.testing.assert_close(out[b : b + 1], single)
+        assert torch.equal(indices[b : b + 1], single_idx)
+
+
+def test_unrouted_regions_do_not_reach_the_output():
+    q, kv = _routing_inputs(batch=1)
+    kwargs = dict(num_heads=2, topk=2, scale=0.5, routing_scale=0.35)
+    out, indices, _ = regional_routing_attention(q, kv, **kwargs)
+    unrouted = sorted(set(range(6)) - set(indices[0, 0].tolist()))
+    kv2 = kv.clone()
+    kv2[:, unrouted, :, 8:] += 100.0  # values of regions that query region 0 did not pick
+    out2, indices2, _ = regional_routing_attention(q, kv2, **kwargs)
+    assert torch.equal(indices2, indices)
+    torch.testing.assert_close(out2[:, 0], out[:, 0])
+    assert not torch.allclose(out2, out)
+
+
+def test_auto_query_chunk():
+    kwargs = dict(num_query_regions=64, tokens_per_region=256, topk=4, kv_channels=128, num_heads=4, element_size=4)
+    per_region = 4 * 256 * 128 * 4  # k·T keys and values · channels · bytes
+    assert auto_query_chunk(**kwargs, fused=True, budget=10 * per_region) == 10
+    assert auto_query_chunk(**kwargs, fused=True, budget=10**12) == 64
+    assert auto_query_chunk(**kwargs, fused=True, budget=1) == 1
+    assert auto_query_chunk(**kwargs, fused=False, budget=10 * per_region) < 10  # the weights count too
