@@ -1,0 +1,171 @@
+"""Losses (eq. 13–17): zero at the targets, hand-computed values, imbalance handling, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from h3de_lite.anchors import AnchorGrid
+from h3de_lite.heatmaps import gaussian_heatmaps
+from h3de_lite.losses import anchor_based_loss, anchor_free_loss, existence_loss, heatmap_loss, offset_loss
+
+NAN = float("nan")
+HM = torch.zeros(1, 2, 2, 2, 2)
+FLOOR = math.log1p(math.exp(-20.0))  # BCE of a logit of ±20 that agrees with its label, ≈ 2.1e-9
+
+
+@pytest.fixture
+def batch():
+    grid = AnchorGrid((16, 16, 8), config="multi")
+    g = torch.tensor(
+        [[[3.0, 4.0, 5.0], [12.2, 0.0, 7.5], [NAN, NAN, NAN]], [[8.0, 8.0, 4.0], [NAN] * 3, [1.0, 14.9, 0.3]]]
+    )
+    targets = grid.encode(g)
+    hm = gaussian_heatmaps(g, (16, 16, 8), sigma=2.0)
+    present = ~torch.isnan(g).any(-1)
+    return grid, g, targets, hm, present
+
+
+def test_all_terms_zero_at_targets(batch):
+    _, _, targets, hm, present = batch
+    outputs = {
+        "offsets": targets["offsets"].clone(),
+        "logits": torch.where(targets["positive"], 20.0, -20.0),
+        "heatmaps": hm.clone(),
+    }
+    losses = anchor_based_loss(outputs, targets, target_heatmaps=hm, present=present)
+    assert set(losses) == {"offset", "existence", "heatmap", "total"}
+    assert losses["offset"].item() == 0.0
+    assert losses["heatmap"].item() == 0.0
+    assert 0.0 <= losses["existence"].item() <= 2 * FLOOR + 1e-12  # mean over positives + mean over negatives
+    assert losses["total"].item() < 1e-8
+    free = anchor_free_loss(hm, hm)
+    assert free["heatmap"].item() == 0.0 and free["total"].item() == 0.0
+
+
+def test_heatmap_loss_values():
+    pred = torch.zeros(1, 2, 2, 2, 2)
+    target = torch.zeros(1, 2, 2, 2, 2)
+    target[0, 0] = 1.0  # channel 0 wrong everywhere by 1, channel 1 right
+    assert heatmap_loss(pred, target).item() == pytest.approx(0.5)
+    assert heatmap_loss(pred, target, present=torch.tensor([[True, False]])).item() == pytest.approx(1.0)
+    assert heatmap_loss(pred, target, present=torch.tensor([[False, True]])).item() == 0.0
+    assert torch.equal(F.mse_loss(pred, target), heatmap_loss(pred, target))
+    p = pred.clone().requires_grad_()
+    heatmap_loss(p, target, present=torch.tensor([[False, False]])).backward()  # empty mask: zero with a graph
+    assert torch.all(p.grad == 0)
+
+
+def test_offset_loss_is_squared_l2_over_positives():
+    target = torch.zeros(1, 4, 1, 3)
+    pred = torch.zeros(1, 4, 1, 3)
+    pred[0, 0, 0] = torch.tensor([1.0, 2.0, 2.0])  # ‖·‖² = 9
+    pred[0, 1, 0] = torch.tensor([0.0, 0.0, 1.0])  # ‖·‖² = 1
+    pred[0, 2, 0] = 100.0  # negative anchor: ignored
+    positive = torch.tensor([[[True], [True], [False], [False]]])
+    assert offset_loss(pred, target, positive).item() == pytest.approx(5.0)
+    p = pred.clone().requires_grad_()
+    loss = offset_loss(p, target, torch.zeros_like(positive))
+    assert loss.item() == 0.0
+    loss.backward()
+
+
+def test_existence_loss_balance():
+    y = torch.zeros(1, 1000, 1)
+    y[0, 0, 0] = 1.0
+    logits = torch.zeros_like(y)  # p = 0.5 everywhere: BCE = log 2 for each anchor
+    assert existence_loss(logits, y).item() == pytest.approx(2 * math.log(2))  # log 2 + log 2
+    assert existence_loss(logits, y, balance="mean").item() == pytest.approx(math.log(2))
+    # Positives and negatives weigh the same whatever their counts.
+    logits = torch.where(y > 0, -2.0, -20.0)  # positive badly predicted, negatives perfect
+    balanced = existence_loss(logits, y).item()
+    plain = existence_loss(logits, y, balance="mean").item()
+    assert balanced == pytest.approx(F.softplus(torch.tensor(2.0)).item() + FLOOR, rel=1e-5)
+    assert plain < balanced / 100
+    weighted = existence_loss(logits, y, balance="mean", pos_weight=999.0).item()
+    assert weighted == pytest.approx((999 * F.softplus(torch.tensor(2.0)).item() + 999 * FLOOR) / 1000, rel=1e-5)
+    # Only negatives (all landmarks missing): still trains the negatives.
+    zero_y = torch.zeros(1, 10, 2)
+    assert existence_loss(torch.zeros_like(zero_y), zero_y).item() == pytest.approx(math.log(2))
+
+
+def test_hard_negative_mining():
+    y = torch.zeros(1, 100, 1)
+    y[0, 0, 0] = 1.0
+    logits = torch.full_like(y, -20.0)
+    logits[0, 0, 0] = 20.0
+    logits[0, 1:4, 0] = torch.tensor([3.0, 2.0, 1.0])  # the three hardest negatives
+    mined = existence_loss(logits, y, hard_negative_ratio=3).item()
+    expected = FLOOR + F.softplus(torch.tensor([3.0, 2.0, 1.0])).mean().item()
+    assert mined == pytest.approx(expected, rel=1e-5)
+    assert existence_loss(logits, y).item() < mined  # the plain negative mean dilutes the hard ones
+
+
+def test_anchor_based_weights_and_terms(batch):
+    grid, _, targets, hm, _ = batch
+    torch.manual_seed(0)
+    outputs = {
+        "offsets": torch.randn_like(targets["offsets"]),
+        "logits": torch.randn_like(targets["probabilities"]),
+        "heatmaps": torch.rand_like(hm),
+    }
+    base = anchor_based_loss(outputs, targets, target_heatmaps=hm)
+    weighted = anchor_based_loss(
+        outputs, targets, target_heatmaps=hm, lambda_reg=2.0, lambda_cls=0.5, lambda_heatmap=3.0
+    )
+    expected = 2.0 * base["offset"] + 0.5 * base["existence"] + 3.0 * base["heatmap"]
+    assert weighted["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    unweighted = base["offset"] + base["existence"] + base["heatmap"]
+    assert base["total"].item() == pytest.approx(unweighted.item(), rel=1e-6)
+    head_only = {k: outputs[k] for k in ("offsets", "logits")}
+    assert anchor_based_loss(head_only, targets)["heatmap"].item() == 0.0
+    assert anchor_based_loss(outputs, targets, lambda_heatmap=0.0)["total"].item() == pytest.approx(
+        (base["offset"] + base["existence"]).item(), rel=1e-6
+    )
+
+
+def test_gradients_flow(batch):
+    _, _, targets, hm, _ = batch
+    outputs = {
+        "offsets": torch.zeros_like(targets["offsets"]).requires_grad_(),
+        "logits": torch.zeros_like(targets["probabilities"]).requires_grad_(),
+        "heatmaps": torch.zeros_like(hm).requires_grad_(),
+    }
+    anchor_based_loss(outputs, targets, target_heatmaps=hm)["total"].backward()
+    for name, tensor in outputs.items():
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: heatmap_loss(torch.zeros(1, 2, 2, 2, 2), torch.zeros(1, 3, 2, 2, 2)),
+        lambda: heatmap_loss(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)),
+        lambda: heatmap_loss(HM, HM, present=torch.ones(2, dtype=torch.bool)),
+        lambda: offset_loss(torch.zeros(1, 4, 1, 3), torch.zeros(1, 4, 1, 3), torch.zeros(1, 4, 2, dtype=torch.bool)),
+        lambda: offset_loss(torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 1, dtype=torch.bool)),
+        lambda: existence_loss(torch.zeros(1, 4, 1), torch.zeros(1, 4, 2)),
+        lambda: existence_loss(torch.zeros(1, 4, 1), torch.zeros(1, 4, 1), balance="focal"),
+        lambda: existence_loss(torch.zeros(1, 4, 1), torch.zeros(1, 4, 1), pos_weight=10.0),  # needs balance="mean"
+        lambda: existence_loss(torch.zeros(1, 4, 1), torch.zeros(1, 4, 1), hard_negative_ratio=0),
+        lambda: anchor_based_loss({"offsets": torch.zeros(1, 4, 1, 3)}, {}),
+        lambda: anchor_based_loss(
+            {"offsets": torch.zeros(1, 4, 1, 3), "logits": torch.zeros(1, 4, 1)},
+            {"offsets": torch.zeros(1, 4, 1, 3), "probabilities": torch.zeros(1, 4, 1)},
+        ),
+        lambda: anchor_based_loss(  # heatmaps without target_heatmaps
+            {"offsets": torch.zeros(1, 4, 1, 3), "logits": torch.zeros(1, 4, 1), "heatmaps": HM[:, :1]},
+            {
+                "offsets": torch.zeros(1, 4, 1, 3),
+                "probabilities": torch.zeros(1, 4, 1),
+                "positive": torch.zeros(1, 4, 1, dtype=torch.bool),
+            },
+        ),
+    ],
+)
+def test_bad_input_raises_value_error(call):
+    with pytest.raises(ValueError):
+        call()
