@@ -183,18 +183,24 @@ class AnchorGrid:
         probabilities: torch.Tensor,
         threshold: float = 0.5,
         top: int = 4,
+        vote_radius: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Landmark coordinates, presence and score from per-anchor offsets and existence probabilities.
 
         For each landmark, the ``top`` anchors with the highest probability each vote for ``f + r * t_hat`` (eq. 7
-        inverted); the vote is weighted by their probabilities (eq. 8). The landmark is present when its highest
-        probability reaches ``threshold``; its coordinates are ``NaN`` otherwise.
+        inverted); the vote is weighted by their probabilities (eq. 8). Only anchors whose decoded position lies
+        within ``vote_radius`` voxels of the best anchor's own decoded position vote: a confident anchor elsewhere
+        (for instance on the look-alike molar of the other side) must not drag the estimate half-way across the
+        jaw. The landmark is present when its highest probability reaches ``threshold``; its coordinates are ``NaN``
+        otherwise.
 
         Args:
             offsets: ``(B, A, L, 3)`` predicted offsets ``t_hat`` in units of the anchor radius.
             probabilities: ``(B, A, L)`` existence probabilities in [0, 1] (sigmoid of the head's logits).
             threshold: presence threshold on the highest probability, in [0, 1].
             top: number of anchors that vote per landmark (at least 1).
+            vote_radius: distance in voxels from the best anchor's decoded position within which the other top
+                anchors vote (default: the stride ``u``, one feature cell).
 
         Returns:
             ``(coords (B, L, 3), present (B, L) bool, score (B, L))``, score being the highest probability.
@@ -233,8 +239,13 @@ class AnchorGrid:
         weight, idx = p.topk(k, dim=1)  # (B, k, L)
         t_top = t.gather(1, repeat(idx, "b k l -> b k l c", c=3))  # (B, k, L, 3)
         position = f[idx] + r[idx][..., None] * t_top  # (B, k, L, 3): f + r * t_hat
+        radius = float(self.stride if vote_radius is None else vote_radius)
+        if not radius >= 0.0:
+            raise ValueError(f"vote_radius must be a distance >= 0 in voxels, got {vote_radius!r}")
+        near = (position - position[:, :1]).norm(dim=-1) <= radius  # (B, k, L); the best anchor is always near
+        weight = weight * near
         total = weight.sum(dim=1, keepdim=True)  # (B, 1, L)
-        weight = torch.where(total > 0, weight / total.clamp_min(1e-300), torch.full_like(weight, 1.0 / k))
+        weight = torch.where(total > 0, weight / total.clamp_min(1e-300), near / near.sum(dim=1, keepdim=True))
         coords = (weight[..., None] * position).sum(dim=1)  # (B, L, 3)
 
         score = p.amax(dim=1)  # (B, L)

@@ -183,3 +183,18 @@ def test_decode_weighted_vote_and_threshold():
 def test_bad_input_raises_value_error(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_decode_ignores_confident_anchors_far_from_the_best_one():
+    """A second confident anchor on the other side of the volume must not pull the vote away (vote_radius gate)."""
+    grid = AnchorGrid((32, 32, 32), config="single")
+    g = torch.tensor([[5.0, 6.0, 7.0]])
+    targets = grid.encode(g)
+    probabilities = targets["probabilities"].clone()
+    far = grid.anchor_index((7, 7, 7))
+    probabilities[0, far, 0] = 0.9  # confident, but 20+ voxels away from the landmark
+    coords, present, _ = grid.decode(offsets=targets["offsets"], probabilities=probabilities)
+    assert bool(present.all())
+    assert torch.allclose(coords[0], g.to(coords.dtype), atol=1e-4)
+    with pytest.raises(ValueError, match="vote_radius"):
+        grid.decode(offsets=targets["offsets"], probabilities=probabilities, vote_radius=-1.0)
