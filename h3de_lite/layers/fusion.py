@@ -79,7 +79,7 @@ class ConcatFusion(nn.Module):
         return self.fuse(torch.cat([decoder, skip], dim=1))  # (B, C_out, D, H, W)
 
 
-class FeatureFusionModule(nn.Module):
+class FeatureFusionModule(ConcatFusion):
     """FFM (eq. 11): fuse the upsampled decoder feature with the encoder skip, reweighted by global channel attention.
 
     ``F = act(norm(conv3([U_up, E])))``, ``a = σ(W₂ act(W₁ GAP(F)))``, ``U = F + F ⊙ a``.
@@ -126,18 +126,16 @@ class FeatureFusionModule(nn.Module):
         norm_layer: NormFactory = instance_norm,
         act_layer: type[nn.Module] = nn.LeakyReLU,
     ) -> None:
-        super().__init__()
         if not isinstance(reduction, int) or reduction < 1:
             raise ValueError(f"reduction must be a positive integer, got {reduction!r}")
-        self.decoder_channels = decoder_channels
-        self.skip_channels = skip_channels
-        hidden = max(out_channels // reduction, 4)
-        self.fuse = ConvNormAct(
-            in_channels=decoder_channels + skip_channels,
+        super().__init__(
+            decoder_channels=decoder_channels,
+            skip_channels=skip_channels,
             out_channels=out_channels,
             norm_layer=norm_layer,
             act_layer=act_layer,
         )
+        hidden = max(out_channels // reduction, 4)
         self.attention = nn.Sequential(
             nn.AdaptiveAvgPool3d(1),
             nn.Conv3d(out_channels, hidden, 1),
@@ -148,7 +146,6 @@ class FeatureFusionModule(nn.Module):
 
     def forward(self, decoder: Tensor, skip: Tensor) -> Tensor:
         """Fuse ``(B, C_dec, D, H, W)`` and ``(B, C_skip, D, H, W)`` into ``(B, C_out, D, H, W)``."""
-        _check_pair(decoder, skip, self.decoder_channels, self.skip_channels)
-        fused = self.fuse(torch.cat([decoder, skip], dim=1))  # STEP 1: (B, C_out, D, H, W)
+        fused = super().forward(decoder, skip)  # STEP 1: concat + conv-norm-act, (B, C_out, D, H, W)
         gate = self.attention(fused)  # STEP 2: (B, C_out, 1, 1, 1), values in (0, 1)
         return fused + fused * gate  # STEP 3: (B, C_out, D, H, W)
