@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from h3de_lite.data.case import validate_spacing
+
 __all__ = ["gaussian_heatmaps", "decode"]
 
 ArrayLike = Tensor | np.ndarray | Sequence
@@ -79,11 +81,8 @@ def gaussian_heatmaps(
         )
     sig = torch.full((c.shape[0], 3), float(sigma), dtype=torch.float64, device=c.device)
     if spacing is not None:
-        sp = _as_tensor(spacing, dtype=torch.float64, device=c.device)
-        if sp.shape[-1] != 3 or sp.ndim > 2:
-            raise ValueError(f"spacing must have shape (3,) or (B, 3) in mm, got {tuple(sp.shape)}")
-        if not bool(torch.isfinite(sp).all()) or bool((sp <= 0).any()):
-            raise ValueError(f"spacing must be finite and positive (mm), got {sp.tolist()}")
+        sp_np = spacing.detach().cpu().numpy() if isinstance(spacing, Tensor) else spacing
+        sp = torch.as_tensor(validate_spacing(sp_np, per_case=True), device=c.device)
         sig = sig / sp.expand(c.shape[0], 3)  # σ in mm → σ in voxels, per axis
     # Separable Gaussian: exp(-Σ_a d_a² / 2σ_a²) = Π_a exp(-d_a² / 2σ_a²); one 1-D profile per axis.
     centre = torch.nan_to_num(c, nan=0.0)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from h3de_lite.data.case import validate_spacing
+
 __all__ = ["radial_errors", "summarize", "existence_scores", "DEFAULT_THRESHOLDS_MM"]
 
 DEFAULT_THRESHOLDS_MM: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
@@ -53,10 +55,7 @@ def radial_errors(pred: Any, target: Any, spacing: Any) -> Any:
     p, t, s = _to_numpy(pred, name="pred"), _to_numpy(target, name="target"), _to_numpy(spacing, name="spacing")
     if p.shape != t.shape or p.ndim < 2 or p.shape[-1] != 3:
         raise ValueError(f"pred and target must both have shape (B, L, 3) or (L, 3), got {p.shape} and {t.shape}")
-    if s.shape[-1:] != (3,) or s.ndim > 2:
-        raise ValueError(f"spacing must have shape (3,) or (B, 3) in mm, got {s.shape}")
-    if not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise ValueError(f"spacing must be finite and positive (mm), got {s.tolist()}")
+    s = validate_spacing(s, per_case=True)
     if s.ndim == 2:
         if p.ndim != 3 or s.shape[0] != p.shape[0]:
             raise ValueError(f"per-case spacing {s.shape} needs pred of shape (B, L, 3) with B = {s.shape[0]}")

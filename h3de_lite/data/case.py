@@ -69,11 +69,15 @@ class Case:
         return bool(self.present.all())
 
 
-def validate_spacing(spacing: np.ndarray, *, what: str = "spacing") -> np.ndarray:
-    """Return ``spacing`` as a float array of shape ``(3,)``, raising ``ValueError`` for NaN, non-positive or wrong shape."""
+def validate_spacing(spacing: np.ndarray, *, what: str = "spacing", per_case: bool = False) -> np.ndarray:
+    """Return ``spacing`` as a float array of shape ``(3,)`` (or ``(B, 3)`` with ``per_case=True``).
+
+    Raises ``ValueError`` for NaN, non-positive values or a wrong shape, naming ``what``.
+    """
     spacing = np.asarray(spacing, dtype=np.float64)
-    if spacing.shape != (3,):
-        raise ValueError(f"{what} must have shape (3,) in mm, got shape {spacing.shape}")
+    if spacing.shape[-1:] != (3,) or spacing.ndim > (2 if per_case else 1):
+        expected = "(3,) or (B, 3)" if per_case else "(3,)"
+        raise ValueError(f"{what} must have shape {expected} in mm, got shape {spacing.shape}")
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise ValueError(f"{what} must be three finite positive numbers in mm, got {spacing.tolist()}")
     return spacing
