@@ -24,10 +24,10 @@ def test_topk_all_regions_equals_dense(spatial):
     for grid, topk, fused in [(2, 8, True), (2, 8, False), ((2, 3, 1), 6, True), (4, 64, True)]:
         attn = _vbra(regions_per_side=grid, topk=topk, fused=fused)
         attn.load_state_dict(state)
-        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(attn(x), expected, atol=1e-10, rtol=0)
     dense = DenseAttention3d(dim=16, num_heads=2).double()
     dense.load_state_dict(state)
-    torch.testing.assert_close(dense(x), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dense(x), expected, atol=1e-10, rtol=0)
 
 
 def test_state_dict_is_independent_of_grid_and_topk():
@@ -75,7 +75,7 @@ def test_fused_equals_reference_and_chunked_equals_unchunked(spatial):
     for fused, chunk in [(True, 8), (True, 1), (True, None), (False, 3), (False, None)]:
         attn = _vbra(regions_per_side=2, topk=3, fused=fused, query_chunk=chunk)
         attn.load_state_dict(reference.state_dict())
-        torch.testing.assert_close(attn(x), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(attn(x), expected, atol=1e-10, rtol=0)
 
 
 def test_naive_gather_module_matches():

@@ -158,7 +158,7 @@ def test_fused_equals_reference(masked):
     ref = token_attention_reference(q, k, v, num_heads=2, scale=0.5, key_mask=mask)
     fused = token_attention_fused(q, k, v, num_heads=2, scale=0.5, key_mask=mask)
     assert ref.shape == (6, 5, 12)
-    torch.testing.assert_close(fused, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fused, ref, atol=1e-10, rtol=0)
     if mask is not None:  # masked keys have no influence
         v2 = v.masked_fill(~mask[..., None], 1e3)
         torch.testing.assert_close(token_attention_reference(q, k, v2, num_heads=2, scale=0.5, key_mask=mask), ref)
@@ -241,3 +241,53 @@ def test_auto_query_chunk():
     assert auto_query_chunk(**kwargs, fused=True, budget=10**12) == 64
     assert auto_query_chunk(**kwargs, fused=True, budget=1) == 1
     assert auto_query_chunk(**kwargs, fused=False, budget=10 * per_region) < 10  # the weights count too
+
+
+# Region logits whose probabilities underflow: softmax gives exactly 0 beyond the first in float32 and float16.
+_FAR_LOGITS = [0.0, -150.0, -120.0, -200.0, -110.0, -300.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_route_regions_selects_on_logits_when_probabilities_underflow(dtype):
+    queries = torch.ones(1, 1, 1, dtype=dtype)  # one query region, C = 1: logits are the key means themselves
+    keys = torch.tensor(_FAR_LOGITS, dtype=dtype).reshape(1, 6, 1)
+    assert (torch.softmax(keys[0, :, 0].float(), 0)[1:] == 0).all()  # the case this test is about
+    indices, scores = route_regions(queries, keys, topk=3, scale=1.0)
+    assert indices[0, 0].tolist() == [0, 4, 2]  # logits 0 > -110 > -120, by hand
+    assert scores.dtype == dtype
+    assert scores[0, 0, 0].item() == 1.0 and (scores[0, 0, 1:] >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_route_regions_never_routes_padding_before_a_real_region(dtype):
+    # Regions 1..4 are real but far below region 0; region 5 is pure padding. k = 5 must take all real regions.
+    queries = torch.ones(1, 1, 1, dtype=dtype)
+    keys = torch.tensor([0.0, -150.0, -120.0, -200.0, -110.0, 0.0], dtype=dtype).reshape(1, 6, 1)
+    valid = torch.tensor([True, True, True, True, True, False])
+    for topk in (2, 3, 4, 5):
+        indices, _ = route_regions(queries, keys, topk=topk, scale=1.0, key_valid=valid)
+        assert 5 not in indices[0, 0].tolist(), topk
+    indices, scores = route_regions(queries, keys, topk=6, scale=1.0, key_valid=valid)
+    assert indices[0, 0].tolist() == [0, 4, 2, 1, 3, 5]  # padding last
+    assert scores[0, 0, -1].item() == 0.0
+
+
+def test_route_regions_scores_are_eq3_probabilities():
+    generator = torch.Generator().manual_seed(3)
+    queries = torch.randn(2, 5, 4, dtype=torch.float64, generator=generator)
+    keys = torch.randn(2, 5, 4, dtype=torch.float64, generator=generator)
+    indices, scores = route_regions(queries, keys, topk=3, scale=0.5)
+    for b in range(2):
+        for r in range(5):
+            logits = [0.5 * float(queries[b, r] @ keys[b, j]) for j in range(5)]  # eq. 3 by hand
+            norm = sum(np.exp(logits))
+            order = sorted(range(5), key=lambda j: -logits[j])[:3]
+            assert indices[b, r].tolist() == order
+            np.testing.assert_allclose(scores[b, r].numpy(), [np.exp(logits[j]) / norm for j in order], rtol=1e-12)
+
+
+def test_routing_and_attention_scales():
+    from h3de_lite.layers.routing import attention_scale, routing_scale
+
+    assert routing_scale(64) == 0.125  # eq. 3: 1/sqrt(qk_dim)
+    assert attention_scale(64, 4) == 0.25  # eq. 4: 1/sqrt(qk_dim / M)

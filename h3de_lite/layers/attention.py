@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from h3de_lite.layers.routing import (
     Routing,
+    attention_scale,
     gather_regions,
     make_layout,
     merge_regions,
@@ -22,6 +23,7 @@ from h3de_lite.layers.routing import (
     pad_to_layout,
     partition_regions,
     regional_routing_attention,
+    routing_scale,
     token_mask,
 )
 
@@ -96,7 +98,8 @@ class BiLevelRoutingAttention3d(_AttentionBase):
         topk: k key regions per query region, ``1 ≤ k ≤ S_d·S_h·S_w``.
         qk_dim: channels of q and k (default ``dim``).
         lepe_kernel: kernel of the LePE depthwise conv (odd), 0 to disable.
-        qk_scale: token attention scale (default ``(qk_dim / num_heads) ** -0.5``).
+        qk_scale: token attention scale of eq. 4 (default ``(qk_dim / num_heads) ** -0.5``); the routing of eq. 3
+            always scales by ``qk_dim ** -0.5`` (see "the two scales" in :mod:`h3de_lite.layers.routing`).
         fused: ``F.scaled_dot_product_attention`` (True) or the written-out einsum reference (False).
         query_chunk: query regions per chunk of STEP 3 (over the B·R of the batch); None picks it from the gathered size
             (:func:`~h3de_lite.layers.routing.auto_query_chunk`) under ``torch.no_grad()`` and uses one chunk
@@ -138,8 +141,9 @@ class BiLevelRoutingAttention3d(_AttentionBase):
         if query_chunk is not None and query_chunk < 1:
             raise ValueError(f"query_chunk must be a positive number of regions or None (automatic), got {query_chunk}")
         self.topk = topk
-        self.scale = qk_scale if qk_scale is not None else (self.qk_dim // num_heads) ** -0.5
-        self.routing_scale = self.qk_dim**-0.5
+        # eq. 4 scales per head, eq. 3 by the full query/key width: see h3de_lite.layers.routing (the two scales).
+        self.scale = qk_scale if qk_scale is not None else attention_scale(self.qk_dim, num_heads)
+        self.routing_scale = routing_scale(self.qk_dim)
         self.fused = fused
         self.query_chunk = query_chunk
         # The key/value gather; benchmarks swap in routing.naive_gather (the BiFormer-legacy expansion) here.

@@ -1,8 +1,14 @@
 """Pure functions behind volumetric bi-level routing attention (V-BRA, paper eq. 3–4).
 
 The volume of tokens is cut into ``S_d × S_h × S_w`` regions. Each region is summarised by the mean of its queries and
-keys; a region-to-region affinity ``softmax(Qʳ Kʳᵀ / √d)`` (eq. 3) keeps the ``k`` best key regions per query region;
+keys; a region-to-region affinity ``softmax(Qʳ Kʳᵀ / √d_k)`` (eq. 3) keeps the ``k`` best key regions per query region;
 then every query token attends to the tokens of those ``k`` regions only (eq. 4).
+
+**The two scales.** Routing (eq. 3) is one affinity between whole region means, not split into heads, so its
+``d_k`` is the width of ``Qʳ`` and ``Kʳ``: ``qk_dim`` (:func:`routing_scale`). Token attention (eq. 4) is multi-head,
+and each head scales by its own width ``c = qk_dim / M`` (:func:`attention_scale`), as in every multi-head transformer.
+BiFormer uses ``qk_dim ** -0.5`` for both; the top-k choice does not depend on the routing scale (it is taken on the
+logits, and a positive scale keeps their order), only the reported eq. 3 probabilities do.
 
 Fixes over the BiFormer / H3DE-Net legacy code:
 
@@ -33,6 +39,7 @@ __all__ = [
     "AUTO_CHUNK_BYTES",
     "RegionLayout",
     "Routing",
+    "attention_scale",
     "auto_query_chunk",
     "gather_key_mask",
     "gather_regions",
@@ -45,6 +52,7 @@ __all__ = [
     "region_means",
     "regional_routing_attention",
     "route_regions",
+    "routing_scale",
     "token_attention_fused",
     "token_attention_reference",
     "token_mask",
@@ -90,7 +98,8 @@ class Routing(NamedTuple):
 
     Attributes:
         indices: ``(B, R, k)`` long, the key regions routed to each query region, best first.
-        scores: ``(B, R, k)`` float, their eq. 3 probabilities (softmax over all R key regions).
+        scores: ``(B, R, k)`` float, their eq. 3 probabilities ``softmax(Qʳ Kʳᵀ/√d_k)`` over all R key regions,
+            with ``d_k = qk_dim`` (:func:`routing_scale`).
         grid: ``(S_d, S_h, S_w)``; region ``r`` sits at ``np.unravel_index(r, grid)``.
         padded_shape: ``(D', H', W')`` token grid after padding to whole regions.
     """
@@ -122,6 +131,33 @@ def normalize_grid(regions_per_side: int | tuple[int, int, int] | list[int]) -> 
             f"regions_per_side must be a positive int or three positive ints (S_d, S_h, S_w), got {regions_per_side!r}"
         )
     return grid  # type: ignore[return-value]
+
+
+def routing_scale(qk_dim: int) -> float:
+    """The eq. 3 scale ``1/√d_k`` of region routing, with ``d_k = qk_dim`` (routing is not split into heads).
+
+    Args:
+        qk_dim: channels of the queries and keys (all heads together).
+
+    Example:
+        >>> routing_scale(64)
+        0.125
+    """
+    return float(qk_dim) ** -0.5
+
+
+def attention_scale(qk_dim: int, num_heads: int) -> float:
+    """The eq. 4 scale ``1/√c`` of token attention, with ``c = qk_dim / num_heads`` the width of one head.
+
+    Args:
+        qk_dim: channels of the queries and keys (all heads together).
+        num_heads: M.
+
+    Example:
+        >>> attention_scale(64, 4)
+        0.25
+    """
+    return float(qk_dim // num_heads) ** -0.5
 
 
 def make_layout(spatial_shape: tuple[int, int, int], grid: tuple[int, int, int]) -> RegionLayout:
@@ -257,13 +293,20 @@ def route_regions(
 ) -> tuple[Tensor, Tensor]:
     """Region-to-region routing (paper eq. 3): ``Aʳ = softmax(Qʳ Kʳᵀ · scale)``, keep the top-k key regions.
 
-    Key regions made only of padding (``key_valid`` False) get probability 0 and are picked last.
+    The top-k is taken on the **logits** ``Qʳ Kʳᵀ · scale`` (padding regions at ``-inf``), not on the probabilities:
+    softmax is monotonic, so the choice is the same whenever the probabilities are distinct, but probabilities
+    underflow to exactly 0 once logits differ by more than about 104 (float32) or 17 (float16), and ``topk`` would
+    then break those ties arbitrarily, even picking a region of pure padding. The scores are the eq. 3 probabilities
+    of the chosen regions, computed in at least float32 (and returned in the input dtype).
+
+    Key regions made only of padding (``key_valid`` False) get probability 0 and are picked only after every real
+    region (when ``topk`` exceeds the number of real regions).
 
     Args:
         query_regions: ``(B, R, C)`` region means of the queries, Qʳ.
         key_regions: ``(B, R, C)`` region means of the keys, Kʳ.
         topk: how many key regions each query region keeps, ``1 ≤ k ≤ R``.
-        scale: ``1/√d`` in eq. 3.
+        scale: ``1/√d_k`` in eq. 3 (:func:`routing_scale`).
         key_valid: ``(R,)`` bool, True for regions holding at least one real token; None if all do.
 
     Shape:
@@ -280,8 +323,11 @@ def route_regions(
     logits = torch.einsum("bqc,bkc->bqk", query_regions, key_regions) * scale  # (B, R, R)
     if key_valid is not None:
         logits = logits.masked_fill(~key_valid[None, None, :], float("-inf"))
-    probs = logits.softmax(dim=-1)  # (B, R, R), eq. 3
-    scores, indices = torch.topk(probs, k=topk, dim=-1)  # (B, R, k) each
+    top_logits, indices = torch.topk(logits, k=topk, dim=-1)  # (B, R, k) each: select on logits, never on probs
+    # eq. 3 probabilities of the chosen regions: exp(logit - logsumexp over all R regions), at least in float32.
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    log_norm = torch.logsumexp(logits.to(wide), dim=-1, keepdim=True)  # (B, R, 1)
+    scores = (top_logits.to(wide) - log_norm).exp().to(logits.dtype)  # (B, R, k)
     return indices, scores
 
 
@@ -475,8 +521,8 @@ def regional_routing_attention(
         kv: ``(B, R, T, M·c + M·c_v)`` keys then values.
         num_heads: M.
         topk: key regions per query region.
-        scale: token attention scale, usually ``c ** -0.5``.
-        routing_scale: region routing scale, usually ``(M·c) ** -0.5``.
+        scale: token attention scale of eq. 4, :func:`attention_scale` (``c ** -0.5``).
+        routing_scale: region routing scale of eq. 3, :func:`routing_scale` (``(M·c) ** -0.5``).
         valid: ``(R, T)`` bool real-token mask from :func:`token_mask`; None when nothing is padded.
         fused: use ``F.scaled_dot_product_attention`` (True) or the written-out reference (False).
         query_chunk: query regions per chunk (over all B·R). None: when autograd records, one chunk (the backward
