@@ -69,8 +69,8 @@ class LandmarkDataset(Dataset):
         crop_size: crop size ``(D, H, W)``; ``None`` returns whole volumes (batch size 1 then, shapes differ);
             ``"auto"`` (default) means :data:`TRAIN_CROP_SIZE` for ``split="train"`` and ``None`` otherwise.
         random_crop: ``True`` for random training crops that keep the landmarks in view, ``False`` for evaluation
-            items (centred crop, every landmark kept); ``None`` (default) means ``split == "train"``. ``True`` needs
-            a crop (``crop_size`` not ``None``).
+            items (centred crop, every landmark kept); ``None`` (default) means ``split == "train"`` (with a crop).
+            ``True`` needs a crop (``crop_size`` not ``None``).
         target_spacing: resample every case to this voxel size in mm first (``(3,)`` or a number); ``None`` keeps it.
         window: HU window mapped to [0, 255] (:data:`DEFAULT_WINDOW`); ``None`` leaves intensities as stored (for
             data already scaled to [0, 255]).
