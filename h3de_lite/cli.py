@@ -1,7 +1,8 @@
 """The ``h3de-lite`` command line.
 
 ``h3de-lite phantom --out DIR --seed 0 --n-train 4 --n-val 1 --n-test 2`` writes a phantom dataset in the MML release
-layout (see :func:`h3de_lite.data.phantom.write_phantom_dataset`).
+layout (see :func:`h3de_lite.data.phantom.write_phantom_dataset`). It refuses an ``--out`` that already holds a dataset
+unless ``--overwrite`` is given. User errors print one line ``h3de-lite <command>: error: ...`` and exit with code 2.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument(
         "--shape", type=int, nargs=3, metavar=("D", "H", "W"), default=None, help="volume size in voxels"
     )
+    phantom.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset already in --out (its train/ val/ test/ case files are deleted first); without it an "
+        "--out that holds a dataset is refused",
+    )
     phantom.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -61,6 +68,7 @@ def _phantom(args: argparse.Namespace) -> int:
         incomplete_fraction=args.incomplete_fraction,
         shape=tuple(args.shape) if args.shape else None,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     print(f"wrote {len(paths)} cases to {args.out}")
     return 0

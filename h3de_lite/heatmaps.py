@@ -83,6 +83,11 @@ def gaussian_heatmaps(
     if spacing is not None:
         sp_np = spacing.detach().cpu().numpy() if isinstance(spacing, Tensor) else spacing
         sp = torch.as_tensor(validate_spacing(sp_np, per_case=True), device=c.device)
+        if sp.ndim == 2 and sp.shape[0] not in (1, c.shape[0]):
+            raise ValueError(
+                f"spacing has {sp.shape[0]} rows (one per case) but coords has B = {c.shape[0]} cases; pass spacing "
+                f"of shape ({c.shape[0]}, 3), one row per case, or one (3,) spacing shared by all cases"
+            )
         sig = sig / sp.expand(c.shape[0], 3)  # σ in mm → σ in voxels, per axis
     # Separable Gaussian: exp(-Σ_a d_a² / 2σ_a²) = Π_a exp(-d_a² / 2σ_a²); one 1-D profile per axis.
     centre = torch.nan_to_num(c, nan=0.0)

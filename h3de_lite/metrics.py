@@ -118,11 +118,33 @@ def summarize(
     return out
 
 
+def _as_bool(x: Any, *, name: str) -> np.ndarray:
+    """Booleans as a bool array; 0/1 numbers are accepted, anything else (probabilities, NaN) is refused."""
+    a = np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x)
+    if a.dtype == np.bool_:
+        return a
+    if np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating):
+        bad = a[(a != 0) & (a != 1)]  # NaN compares unequal to both
+        if bad.size == 0:
+            return a.astype(bool)
+        found = f"values such as {bad.ravel()[:3].tolist()}"
+    else:
+        found = f"dtype {a.dtype}"
+    raise ValueError(
+        f"{name} must be booleans (or 0/1), got {found}; threshold probabilities first, e.g. `probabilities >= 0.5`"
+    )
+
+
 def existence_scores(pred_present: Any, true_present: Any) -> dict[str, float]:
     """Precision, recall and F1 of predicted landmark existence, with "present" as the positive class.
 
     ``precision = TP / (TP + FP)``, ``recall = TP / (TP + FN)``, ``F1 = 2PR / (P + R)``; also ``accuracy`` and the
     counts. A ratio with an empty denominator is ``NaN``.
+
+    Args:
+        pred_present: predicted existence, booleans (or 0/1 numbers). Threshold probabilities first
+            (``probabilities >= 0.5``): a probability or ``NaN`` raises ``ValueError`` instead of counting as present.
+        true_present: true existence, booleans (or 0/1 numbers).
 
     Shape:
         - pred_present, true_present: boolean, same shape (e.g. ``(B, L)``)
@@ -131,11 +153,9 @@ def existence_scores(pred_present: Any, true_present: Any) -> dict[str, float]:
         >>> existence_scores([[True, False]], [[True, True]])["recall"]
         0.5
     """
-    p = np.asarray(pred_present.detach().cpu() if isinstance(pred_present, Tensor) else pred_present)
-    t = np.asarray(true_present.detach().cpu() if isinstance(true_present, Tensor) else true_present)
+    p, t = _as_bool(pred_present, name="pred_present"), _as_bool(true_present, name="true_present")
     if p.shape != t.shape:
         raise ValueError(f"pred_present and true_present must have the same shape, got {p.shape} and {t.shape}")
-    p, t = p.astype(bool), t.astype(bool)
     tp, fp = int((p & t).sum()), int((p & ~t).sum())
     fn, tn = int((~p & t).sum()), int((~p & ~t).sum())
 

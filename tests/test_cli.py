@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+import h3de_lite.data.phantom as phantom_module
 
 from h3de_lite.cli import main
 from h3de_lite.data import LandmarkDataset, list_mml_cases, read_mml_case
@@ -43,3 +46,110 @@ def test_value_errors_become_a_message(tmp_path: Path, capsys: pytest.CaptureFix
     code = main(["phantom", "--out", str(tmp_path), "--shape", "8", "8", "8", "--n-train", "1", "--no-progress"])
     assert code == 2
     assert "error:" in capsys.readouterr().err
+
+
+SMALL = ["--shape", "32", "32", "24", "--n-val", "0", "--no-progress"]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` (and root itself) with its size and modification time in ns."""
+    paths = [root, *sorted(root.rglob("*"))]
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in paths}
+
+
+@pytest.fixture
+def no_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a case is generated: the output checks must come first."""
+
+    def fail(**kwargs: object) -> None:
+        raise AssertionError("a case was generated before the output folder was checked")
+
+    monkeypatch.setattr(phantom_module, "generate_phantom", fail)
+
+
+def _one_error_line(err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("h3de-lite phantom: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_out_that_is_a_file_exits_2_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_generation: None, below: str
+) -> None:
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    out = file / below if below else file
+    before = _snapshot(tmp_path)
+    assert main(["phantom", "--out", str(out), "--n-train", "1", "--n-test", "0", *SMALL]) == 2
+    captured = capsys.readouterr()
+    _one_error_line(captured.err, repr(str(out)), f"{str(file)!r} is a file", "choose another output folder")
+    assert captured.out == "" and _snapshot(tmp_path) == before and file.read_text() == "keep me"
+
+
+def test_existing_dataset_needs_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    out = tmp_path / "data"
+    assert main(["phantom", "--out", str(out), "--seed", "1", "--n-train", "1", "--n-test", "1", *SMALL]) == 0
+    assert list_mml_cases(out, "train") == ["0000"] and list_mml_cases(out, "test") == ["0001"]
+    old_train = read_mml_case(out / "train", "0000")
+    (out / "train" / "notes.txt").write_text("not a case file")
+    capsys.readouterr()
+
+    before = _snapshot(out)
+    with monkeypatch.context() as patch:  # refused before any case is generated
+        patch.setattr(phantom_module, "generate_phantom", lambda **kwargs: pytest.fail("generated a case"))
+        argv = ["phantom", "--out", str(out), "--seed", "2", "--n-train", "2", "--n-test", "0", *SMALL]
+        assert main(argv) == 2
+    _one_error_line(capsys.readouterr().err, repr(str(out)), "already holds a dataset", "--overwrite")
+    assert _snapshot(out) == before  # nothing written, nothing deleted
+
+    argv = ["phantom", "--out", str(out), "--seed", "2", "--n-train", "1", "--n-test", "0", *SMALL]
+    assert main([*argv, "--overwrite"]) == 0
+    assert list_mml_cases(out, "train") == ["0000"] and list_mml_cases(out, "test") == []  # old test case 0001 gone
+    assert sorted(p.name for p in (out / "test").iterdir()) == []
+    assert not np.array_equal(read_mml_case(out / "train", "0000").spacing, old_train.spacing)  # the new case
+    assert (out / "train" / "notes.txt").read_text() == "not a case file"  # only case files are deleted
+
+
+def test_library_refuses_before_generating(tmp_path: Path, no_generation: None) -> None:
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "0007_volume.nrrd").write_bytes(b"old")
+    with pytest.raises(ValueError, match=r"already holds a dataset \(1 files in test/\); pass overwrite=True"):
+        phantom_module.write_phantom_dataset(tmp_path, n_train=1, n_val=0, n_test=0, shape=(32, 32, 24))
+    (tmp_path / "val").write_text("")
+    with pytest.raises(ValueError, match=r"val' is a file, not a split folder"):
+        phantom_module.write_phantom_dataset(tmp_path, n_train=1, n_val=0, n_test=0, overwrite=True)
+    assert (tmp_path / "test" / "0007_volume.nrrd").read_bytes() == b"old"
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="running as root: chmod 0o500 does not stop root writing; test_failed_write_probe_exits_2 covers the probe",
+)
+def test_unwritable_out_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_generation: None) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(["phantom", "--out", str(locked), "--n-train", "1", "--n-test", "0", *SMALL]) == 2
+    finally:
+        locked.chmod(0o700)
+    _one_error_line(capsys.readouterr().err, "cannot write into output folder", repr(str(locked)), "permissions")
+    assert list(locked.iterdir()) == []
+
+
+def test_failed_write_probe_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], no_generation: None,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """As root no permission bit blocks a write: simulate a folder that refuses the probe file (read-only mount)."""
+    import tempfile
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    out = tmp_path / "ro"
+    assert main(["phantom", "--out", str(out), "--n-train", "1", "--n-test", "0", *SMALL]) == 2
+    _one_error_line(capsys.readouterr().err, "cannot write into output folder", repr(str(out)), "Permission denied",
+                    "fix its permissions")  # fmt: skip

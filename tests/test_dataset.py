@@ -122,3 +122,82 @@ def test_errors(root: Path) -> None:
         LandmarkDataset(root, "train", window=(10.0, 0.0))
     with pytest.raises(IndexError):
         LandmarkDataset(root, "train")[3]
+
+
+def _rewrite_labels(directory: Path, case_id: str, landmarks: np.ndarray) -> None:
+    """Replace one case's landmarks on disk (same volume, spacing and geometry)."""
+    from h3de_lite.data.mml import read_mml_case
+
+    case = read_mml_case(directory, case_id)
+    write_mml_case(directory, Case(volume=case.volume, landmarks=landmarks, spacing=case.spacing, case_id=case_id,
+                                   affine=case.affine))  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"crop_size": CROP}, {"crop_size": (32, 32, 16)}])
+def test_evaluation_item_never_sees_the_ground_truth(root: Path, kwargs: dict) -> None:
+    corner = np.tile([[1.0, 1.0, 0.5]], (14, 1))  # every landmark far from the others, in one corner
+    seen = []
+    for landmarks in (None, corner, np.full((14, 3), np.nan)):
+        if landmarks is not None:
+            _rewrite_labels(root / "test", "0100", landmarks)
+        item = LandmarkDataset(root, "test", **kwargs)[0]  # a fresh dataset: same seed, same call count
+        seen.append((item["image"], item["origin"]))
+    for image, origin in seen[1:]:
+        assert torch.equal(image, seen[0][0]) and torch.equal(origin, seen[0][1])
+    assert seen[2][0].shape == (1, *kwargs.get("crop_size", SHAPE))
+
+
+def test_default_items_train_random_crop_evaluation_whole_volume(root: Path) -> None:
+    from h3de_lite.data.mml import read_mml_case
+
+    train = LandmarkDataset(root, "train")
+    assert train.crop_size == (128, 128, 64) and train.random_crop
+    landmarks = np.array(read_mml_case(root / "test", "0100").landmarks)
+    landmarks[[0, 13]] = [[0.0, 0.0, 0.0], [27.0, 23.0, 11.0]]  # in the volume's corners
+    landmarks[5] = np.nan
+    _rewrite_labels(root / "test", "0100", landmarks)
+    test = LandmarkDataset(root, "test")
+    assert test.crop_size is None and not test.random_crop
+    item = test[0]
+    assert item["image"].shape == (1, *SHAPE) and item["origin"].tolist() == [0, 0, 0]
+    assert item["present"].tolist() == [i != 5 for i in range(14)]
+    np.testing.assert_array_equal(item["landmarks"].numpy(), landmarks.astype(np.float32))
+
+
+def test_evaluation_crop_keeps_out_of_crop_landmarks(root: Path) -> None:
+    from h3de_lite.data.mml import read_mml_case
+
+    landmarks = np.array(read_mml_case(root / "test", "0100").landmarks)
+    landmarks[0] = [1.0, 2.0, 0.0]  # before the centred crop [6, 22) × [4, 20) × [2, 10)
+    landmarks[1] = [27.0, 23.0, 11.0]  # after it
+    landmarks[2] = np.nan
+    _rewrite_labels(root / "test", "0100", landmarks)
+    ds = LandmarkDataset(root, "test", crop_size=CROP)
+    assert not ds.random_crop
+    item = ds[0]
+    assert item["origin"].tolist() == [6, 4, 2]
+    expected = (landmarks - [6, 4, 2]).astype(np.float32)
+    np.testing.assert_array_equal(item["landmarks"].numpy(), expected)
+    assert item["landmarks"][0].tolist() == [-5.0, -2.0, -2.0] and item["landmarks"][1].tolist() == [21.0, 19.0, 9.0]
+    assert item["present"].tolist() == [i != 2 for i in range(14)]  # out of crop is still present
+    back = to_source_voxels(item["landmarks"].double(), origin=item["origin"], spacing=item["spacing"].double(),
+                            source_spacing=item["source_spacing"].double())  # fmt: skip
+    np.testing.assert_allclose(back.numpy(), landmarks, atol=1e-5)
+
+    # a crop larger than the volume is centred too and padded with the volume minimum
+    big = LandmarkDataset(root, "test", crop_size=(32, 32, 16), window=None)[0]
+    assert big["origin"].tolist() == [-2, -4, -2]
+    source = read_mml_case(root / "test", "0100").volume
+    np.testing.assert_array_equal(big["image"][0, 2:30, 4:28, 2:14].numpy(), source.astype(np.float32))
+    assert (big["image"][0, :2] == float(source.min())).all()
+    np.testing.assert_array_equal(big["landmarks"][0].numpy(), [3.0, 6.0, 2.0])
+
+
+def test_explicit_random_crop_at_evaluation_and_crop_errors(root: Path) -> None:
+    ds = LandmarkDataset(root, "test", crop_size=CROP, random_crop=True)  # allowed, when asked for explicitly
+    item = ds[0]
+    assert ds.random_crop and item["image"].shape == (1, *CROP) and item["present"].all()
+    with pytest.raises(ValueError, match=r"random_crop=True needs a crop.*crop_size="):
+        LandmarkDataset(root, "test", crop_size=None, random_crop=True)
+    with pytest.raises(ValueError, match=r"crop_size .*'auto'"):
+        LandmarkDataset(root, "test", crop_size="centre")  # type: ignore[arg-type]

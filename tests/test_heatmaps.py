@@ -37,6 +37,15 @@ def test_sigma_in_mm_uses_spacing() -> None:
     assert hm[10, 10, 9].item() == pytest.approx(math.exp(-(2.0**2) / 8), rel=1e-12)
 
 
+def test_per_case_spacing() -> None:
+    c = torch.full((2, 1, 3), 8.0)
+    hm = gaussian_heatmaps(c, SHAPE, sigma=2.0, spacing=[[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]], dtype=torch.float64)
+    assert hm[0, 0, 9, 8, 8].item() == pytest.approx(math.exp(-1 / 8), rel=1e-12)  # 1 mm away
+    assert hm[1, 0, 9, 8, 8].item() == pytest.approx(math.exp(-4 / 8), rel=1e-12)  # 2 mm away
+    shared = gaussian_heatmaps(c, SHAPE, sigma=2.0, spacing=[[2.0, 2.0, 2.0]], dtype=torch.float64)
+    assert torch.equal(shared[0], hm[1]) and torch.equal(shared[1], hm[1])
+
+
 def test_missing_landmark_gives_zero_channel() -> None:
     c = torch.tensor([[[5.0, 5.0, 5.0], [float("nan")] * 3]])
     hm = gaussian_heatmaps(c, SHAPE, sigma=1.5)
@@ -77,6 +86,10 @@ def test_decode_flat_heatmap_falls_back_to_argmax() -> None:
         (lambda: gaussian_heatmaps(torch.zeros(1, 3), SHAPE, -1.0), "sigma"),
         (lambda: gaussian_heatmaps(torch.zeros(1, 3), SHAPE, 1.0, spacing=[1, float("nan"), 1]), "spacing"),
         (lambda: gaussian_heatmaps(torch.tensor([[30.0, 1.0, 1.0]]), SHAPE, 1.0), "outside"),
+        (
+            lambda: gaussian_heatmaps(torch.zeros(2, 1, 3), SHAPE, 1.0, spacing=torch.ones(3, 3)),
+            r"spacing has 3 rows.*B = 2.*\(2, 3\)",
+        ),
         (lambda: decode(torch.zeros(2, 3, 4)), "heatmaps"),
         (lambda: decode(torch.zeros(1, 1, 2, 2, 2), "mean"), "method"),
     ],

@@ -57,6 +57,8 @@ def test_existence_scores() -> None:
     assert out["f1"] == pytest.approx(2 / 3)
     assert out["accuracy"] == pytest.approx(0.6)
     assert existence_scores(torch.tensor([True]), torch.tensor([True]))["f1"] == 1.0
+    as_numbers = existence_scores(np.array([[1, 1, 0, 0, 1]]), torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0]]))
+    assert as_numbers == out  # 0/1 integers and floats read as booleans
 
 
 @pytest.mark.parametrize(
@@ -68,6 +70,11 @@ def test_existence_scores() -> None:
         (lambda: summarize(np.zeros((1, 2, 3))), "errors"),
         (lambda: summarize(np.zeros((1, 2)), names=["x"]), "names"),
         (lambda: existence_scores([True], [True, False]), "same shape"),
+        (lambda: existence_scores(np.array([0.3, 1.0]), [True, True]), r"pred_present.*0\.3.*probabilities >= 0\.5"),
+        (lambda: existence_scores(torch.tensor([0.7]), [True]), r"pred_present must be booleans.*threshold"),
+        (lambda: existence_scores([NAN], [True]), r"pred_present.*nan.*threshold"),
+        (lambda: existence_scores([True], np.array([2])), r"true_present must be booleans \(or 0/1\).*\[2\]"),
+        (lambda: existence_scores(["yes"], [True]), r"pred_present must be booleans.*dtype"),
     ],
 )
 def test_bad_input_raises(call, match: str) -> None:

@@ -193,3 +193,20 @@ def test_to_source_voxels_undoes_resample_and_crop(rng: np.random.Generator) -> 
                                spacing=torch.tensor(out.spacing)[None],
                                source_spacing=torch.tensor(case.spacing)[None])  # fmt: skip
     np.testing.assert_allclose(batched[0].numpy(), back)
+
+
+@pytest.mark.parametrize("which", ["spacing", "source_spacing"])
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan")])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_to_source_voxels_rejects_bad_spacing(which: str, bad: float, as_tensor: bool) -> None:
+    spacings = {"spacing": np.ones(3), "source_spacing": np.ones(3)}
+    spacings[which] = np.array([1.0, bad, 1.0])
+    if as_tensor:
+        spacings = {k: torch.tensor(v) for k, v in spacings.items()}
+    with pytest.raises(ValueError, match=rf"{which} must be finite positive voxel sizes in mm.*'source_spacing'"):
+        to_source_voxels(np.zeros((2, 3)), origin=np.zeros(3), **spacings)
+
+
+def test_to_source_voxels_rejects_spacing_without_three_axes() -> None:
+    with pytest.raises(ValueError, match=r"source_spacing must have shape \(\.\.\., 3\)"):
+        to_source_voxels(np.zeros((2, 3)), origin=np.zeros(3), spacing=np.ones(3), source_spacing=np.ones(2))

@@ -1,8 +1,9 @@
 """``LandmarkDataset``: MML-layout cases as training/evaluation samples (image, landmarks, presence, spacing).
 
 Per sample: read the case → optionally resample to ``target_spacing`` → crop (random, keeping the landmarks in view,
-for training; centred on the *volume*, never on the landmarks, for evaluation; or no crop) → window the intensities to
-[0, 255]. Ground truth only decides where a *random* (training) crop goes; an evaluation crop never looks at it.
+for training; for evaluation no crop by default, or one centred on the *volume*, never on the landmarks) → window the
+intensities to [0, 255]. Ground truth only decides where a *random* (training) crop goes; an evaluation item never looks
+at it and keeps every landmark of the file for scoring.
 
 Explained in notebooks/02_data.ipynb.
 """
@@ -26,13 +27,33 @@ from h3de_lite.data.transforms import (
     spacing3,
 )
 
-__all__ = ["LandmarkDataset"]
+__all__ = ["LandmarkDataset", "TRAIN_CROP_SIZE"]
 
 Subset = Literal["all", "complete", "incomplete"]
+
+TRAIN_CROP_SIZE: tuple[int, int, int] = (128, 128, 64)
+"""Training crop size of the paper (§III-A), the ``crop_size`` that ``"auto"`` gives the ``"train"`` split."""
 
 
 class LandmarkDataset(Dataset):
     """Samples from an MML-layout folder (``root/split/<id>_volume.nrrd`` …), paper §III-A preprocessing.
+
+    Two kinds of item, chosen by ``random_crop``:
+
+    - **Training items** (``random_crop=True``, the default for ``split="train"``): a random crop placed so the present
+      landmarks stay in view (:func:`~h3de_lite.data.transforms.choose_crop_start`). The ground truth decides where the
+      crop goes; a landmark the crop cuts off becomes ``NaN`` / ``present=False`` (what the network cannot see is
+      absent from its input, the target the existence branch learns).
+    - **Evaluation items** (``random_crop=False``, the default for every other split): the ground truth never touches
+      the image. By default (``crop_size="auto"``) the item is the whole volume; a ``crop_size`` given explicitly is
+      cut from the *centre of the volume*, padded with the volume minimum (air) along any axis where the volume is
+      smaller than the crop. ``landmarks`` / ``present`` hold *every* landmark of the label file, in the item's voxel
+      coordinates: a landmark the crop cuts off keeps its true coordinates, outside ``[-0.5, size - 0.5]``, and stays
+      present, so a model that cannot see it is scored with an error (MRE) and a missed detection (existence F1),
+      never silently dropped. To train a heatmap loss on such an item, mask the landmarks outside the image first.
+
+    ``random_crop=True`` for a split other than ``"train"`` is allowed (it is then asked for explicitly) and gives
+    training items.
 
     The ``subset`` filter reads only the label files and uses presence in the *uncropped* case: ``"complete"`` keeps
     cases with all landmarks (the paper's complete subset), ``"incomplete"`` those missing at least one.
@@ -45,8 +66,11 @@ class LandmarkDataset(Dataset):
         root: dataset folder holding the split folders.
         split: split folder name (``"train"``, ``"val"``, ``"test"``).
         subset: ``"all"``, ``"complete"`` or ``"incomplete"``.
-        crop_size: crop size ``(D, H, W)``; ``None`` returns whole volumes (batch size 1 then, shapes differ).
-        random_crop: random crops that keep the landmarks in view (training); ``False`` crops the volume centre.
+        crop_size: crop size ``(D, H, W)``; ``None`` returns whole volumes (batch size 1 then, shapes differ);
+            ``"auto"`` (default) means :data:`TRAIN_CROP_SIZE` for ``split="train"`` and ``None`` otherwise.
+        random_crop: ``True`` for random training crops that keep the landmarks in view, ``False`` for evaluation
+            items (centred crop, every landmark kept); ``None`` (default) means ``split == "train"`` (with a crop).
+            ``True`` needs a crop (``crop_size`` not ``None``).
         target_spacing: resample every case to this voxel size in mm first (``(3,)`` or a number); ``None`` keeps it.
         window: HU window mapped to [0, 255] (:data:`DEFAULT_WINDOW`); ``None`` leaves intensities as stored (for
             data already scaled to [0, 255]).
@@ -56,11 +80,12 @@ class LandmarkDataset(Dataset):
         Each item is a dict:
 
         - ``image``: ``(1, D, H, W)`` float32 in [0, 255]
-        - ``landmarks``: ``(L, 3)`` float32 voxel coordinates in ``image``, ``NaN`` rows for missing or out-of-crop
-        - ``present``: ``(L,)`` bool
+        - ``landmarks``: ``(L, 3)`` float32 voxel coordinates in ``image``; ``NaN`` rows for missing landmarks and, in
+          training items only, for landmarks outside the crop
+        - ``present``: ``(L,)`` bool, ``False`` exactly on the ``NaN`` rows
         - ``spacing``: ``(3,)`` float32 mm of ``image``; ``source_spacing``: ``(3,)`` float32 mm of the stored volume
-        - ``origin``: ``(3,)`` int64 crop start in the (resampled) volume; map predictions back with
-          :func:`h3de_lite.data.transforms.to_source_voxels`
+        - ``origin``: ``(3,)`` int64 crop start in the (resampled) volume, negative where the crop pads; map
+          predictions back with :func:`h3de_lite.data.transforms.to_source_voxels`
         - ``case_id``: str
 
     Example:
@@ -77,19 +102,31 @@ class LandmarkDataset(Dataset):
         split: str,
         *,
         subset: Subset = "all",
-        crop_size: Sequence[int] | None = (128, 128, 64),
-        random_crop: bool = True,
+        crop_size: Sequence[int] | None | Literal["auto"] = "auto",
+        random_crop: bool | None = None,
         target_spacing: Sequence[float] | float | None = None,
         window: Sequence[float] | None = DEFAULT_WINDOW,
         seed: int = 0,
     ) -> None:
         if subset not in ("all", "complete", "incomplete"):
             raise ValueError(f"subset must be 'all', 'complete' or 'incomplete', got {subset!r}")
+        if isinstance(crop_size, str):
+            if crop_size != "auto":
+                raise ValueError(
+                    f"crop_size must be three positive integers (D, H, W), None or 'auto', got {crop_size!r}"
+                )
+            crop_size = TRAIN_CROP_SIZE if split == "train" else None
         if crop_size is not None:
             size = np.asarray(crop_size)
             if size.shape != (3,) or not np.all(np.mod(size, 1) == 0) or np.any(size < 1):
                 raise ValueError(f"crop_size must be three positive integers (D, H, W) or None, got {crop_size!r}")
             crop_size = tuple(int(s) for s in size)
+        if random_crop is None:
+            random_crop = split == "train" and crop_size is not None
+        elif random_crop not in (True, False):
+            raise ValueError(f"random_crop must be True, False or None, got {random_crop!r}")
+        elif random_crop and crop_size is None:
+            raise ValueError("random_crop=True needs a crop; pass crop_size=(D, H, W) or random_crop=False")
         if target_spacing is not None:
             target_spacing = spacing3(target_spacing, what="target_spacing")
         if window is not None:
@@ -100,7 +137,7 @@ class LandmarkDataset(Dataset):
         self.directory = self.root / split
         self.subset: Subset = subset
         self.crop_size: tuple[int, int, int] | None = crop_size
-        self.random_crop = random_crop
+        self.random_crop = bool(random_crop)
         self.target_spacing = target_spacing
         self.window = window
         self.seed = int(seed)
@@ -143,11 +180,17 @@ class LandmarkDataset(Dataset):
         if self.target_spacing is not None:
             case = resample(case, spacing=self.target_spacing, order=1)
         origin = np.zeros(3, dtype=np.int64)
-        if self.crop_size is not None:
-            if self.random_crop:
-                origin = choose_crop_start(case.volume.shape, case.landmarks, self.crop_size, rng=self._rng(index))
-            else:  # centred on the volume: no ground truth at evaluation time
-                origin = (np.asarray(case.volume.shape) - np.asarray(self.crop_size)) // 2
+        landmarks = case.landmarks  # whole volume: every landmark of the file
+        if self.crop_size is not None and self.random_crop:
+            # training: the ground truth places the crop; landmarks it cuts off become NaN (absent)
+            origin = choose_crop_start(case.volume.shape, case.landmarks, self.crop_size, rng=self._rng(index))
+            case = crop(case, origin, self.crop_size)
+            landmarks = case.landmarks
+        elif self.crop_size is not None:
+            # evaluation: centred on the volume without looking at the ground truth; every landmark is kept, in crop
+            # coordinates, even where the crop cuts it off (scored as an error, never as absent)
+            origin = (np.asarray(case.volume.shape) - np.asarray(self.crop_size)) // 2
+            landmarks = case.landmarks - origin
             case = crop(case, origin, self.crop_size)
         if self.window is None:
             image = np.asarray(case.volume, dtype=np.float32)
@@ -155,8 +198,8 @@ class LandmarkDataset(Dataset):
             image = normalize_intensity(case.volume, window=self.window)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)[None]),
-            "landmarks": torch.from_numpy(case.landmarks.astype(np.float32)),
-            "present": torch.from_numpy(case.present),
+            "landmarks": torch.from_numpy(landmarks.astype(np.float32)),
+            "present": torch.from_numpy(~np.isnan(landmarks).any(axis=1)),
             "spacing": torch.from_numpy(case.spacing.astype(np.float32)),
             "source_spacing": torch.from_numpy(source_spacing.astype(np.float32)),
             "origin": torch.from_numpy(np.asarray(origin, dtype=np.int64)),

@@ -1053,6 +1053,62 @@ def generate_phantom(
     return (case, labels) if return_tissue else case
 
 
+_SPLITS = ("train", "val", "test")
+_CASE_SUFFIXES = ("_volume.nrrd", "_label.npy", "_spacing.npy")
+
+
+def _prepare_output(out: Path, *, overwrite: bool) -> None:
+    """Check that ``out`` can take a new dataset, before any case is generated; with ``overwrite`` clear the old one.
+
+    Refuses (``ValueError``, one line naming the path and the fix): ``out`` or a folder above it being a file, a split
+    folder being a file, split folders that already hold files (unless ``overwrite``), and a folder that cannot be
+    written (a real probe file, so it also holds for root and read-only file systems). Nothing is written or deleted
+    before every check has passed.
+    """
+    import os
+    import tempfile
+
+    folder = out
+    try:
+        for folder in (out, *out.parents):  # the nearest existing path must be a folder
+            if os.path.lexists(folder):
+                if not folder.is_dir():
+                    raise ValueError(f"output folder {str(out)!r} cannot be created: {str(folder)!r} is a file, not "
+                                     "a folder; choose another output folder")  # fmt: skip
+                break
+        existing = {}
+        for split in _SPLITS:
+            folder = out / split
+            if os.path.lexists(folder) and not folder.is_dir():
+                raise ValueError(f"{str(folder)!r} is a file, not a split folder; remove it or choose another "
+                                 "output folder")  # fmt: skip
+            if folder.is_dir() and any(folder.iterdir()):
+                existing[split] = sum(1 for _ in folder.iterdir())
+    except OSError as err:
+        raise ValueError(f"cannot read {str(folder)!r} ({err.strerror or err}); choose another output folder or fix "
+                         "its permissions")  # fmt: skip
+    if existing and not overwrite:
+        found = ", ".join(f"{n} files in {split}/" for split, n in existing.items())
+        raise ValueError(
+            f"output folder {str(out)!r} already holds a dataset ({found}); pass overwrite=True (`h3de-lite phantom "
+            "--overwrite`) to replace it, or choose an empty folder"
+        )
+    folder = out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for folder in [out, *(out / split for split in existing)]:
+            # a real write: permission bits do not stop root, and a file system may be read-only
+            with tempfile.TemporaryFile(prefix=".write-probe-", dir=folder):
+                pass
+    except OSError as err:
+        raise ValueError(f"cannot write into output folder {str(folder)!r} ({err.strerror or err}); choose a folder "
+                         "you can write to, or fix its permissions")  # fmt: skip
+    for split in existing:  # overwrite: the old cases of every split go, so old and new ids never mix
+        for path in (out / split).iterdir():
+            if path.is_file() and (path.name.endswith(_CASE_SUFFIXES) or path.name.startswith(".tmp-")):
+                path.unlink()
+
+
 def write_phantom_dataset(
     out: str | Path,
     *,
@@ -1063,6 +1119,7 @@ def write_phantom_dataset(
     incomplete_fraction: float = 0.3,
     shape: tuple[int, int, int] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write a phantom dataset in the MML release layout: ``out/{train,val,test}/<id>_volume.nrrd`` + label + spacing.
 
@@ -1079,12 +1136,18 @@ def write_phantom_dataset(
         incomplete_fraction: share of incomplete cases per split, in [0, 1].
         shape: volume size; :data:`DEFAULT_SHAPE` when ``None``.
         progress: show a tqdm progress bar.
+        overwrite: replace a dataset already in ``out``: the case files (``<id>_volume.nrrd``, ``_label.npy``,
+            ``_spacing.npy``) of every split folder (``train``, ``val``, ``test``, also those given 0 cases) are deleted
+            before the new cases are written, so no old case stays beside the new ones and no id is in two splits.
+            Other files in the split folders are left alone.
 
     Returns:
         The written volume paths, in id order.
 
     Raises:
-        ValueError: negative or non-integer counts, no case at all, a fraction outside [0, 1], or a bad shape.
+        ValueError: negative or non-integer counts, no case at all, a fraction outside [0, 1], or a bad shape; ``out``
+            (or a folder above it, or a split folder) is a file; ``out`` cannot be written; a split folder of ``out``
+            already holds files and ``overwrite`` is False. All of these are checked before any case is generated.
 
     Shape:
         - each written case: volume ``shape``; label ``(14, 3)``; spacing ``(3,)``.
@@ -1113,6 +1176,8 @@ def write_phantom_dataset(
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"incomplete_fraction must be in [0, 1], got {incomplete_fraction!r}")
     shape = DEFAULT_SHAPE if shape is None else _check_shape(shape)
+    out = Path(out)
+    _prepare_output(out, overwrite=bool(overwrite))
 
     total = sum(counts.values())
     children = np.random.SeedSequence(int(seed)).spawn(total + 1)
@@ -1123,7 +1188,6 @@ def write_phantom_dataset(
         flags[: round(fraction * n)] = True
         first = len(jobs)
         jobs.extend((split, first + i, bool(f)) for i, f in enumerate(split_rng.permutation(flags)))
-    out = Path(out)
     iterator = jobs
     if progress:
         from tqdm.auto import tqdm

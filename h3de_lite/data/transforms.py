@@ -342,6 +342,9 @@ def to_source_voxels(
         spacing: voxel size of the sample (``spacing``).
         source_spacing: voxel size of the source volume (``source_spacing``).
 
+    Raises:
+        ValueError: a spacing that is not ``(..., 3)`` or holds a zero, negative or non-finite value.
+
     Shape:
         - points: ``(..., L, 3)``; origin, spacing, source_spacing: ``(..., 3)``
         - output: ``(..., L, 3)``
@@ -353,5 +356,14 @@ def to_source_voxels(
 
     Explained in notebooks/02_data.ipynb.
     """
+    for what, value in (("spacing", spacing), ("source_spacing", source_spacing)):
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, dtype=np.float64)
+        if arr.shape[-1:] != (3,):
+            raise ValueError(f"to_source_voxels: {what} must have shape (..., 3) in mm, got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+            raise ValueError(
+                f"to_source_voxels: {what} must be finite positive voxel sizes in mm, got {arr.tolist()}; pass the "
+                "sample's 'spacing' and 'source_spacing' (as LandmarkDataset returns them)"
+            )
     ratio = spacing / source_spacing
     return (points + origin[..., None, :] + 0.5) * ratio[..., None, :] - 0.5
