@@ -3,6 +3,20 @@
 Explained in notebooks/02_data.ipynb.
 """
 
+from h3de_lite.data.augment import (
+    Compose,
+    IntensityJitter,
+    LabeledCase,
+    RandomCrop,
+    RandomFlipLR,
+    RandomRotateScale,
+    adjust_intensity,
+    flip_lr,
+    landmarks_off_tissue,
+    rotate_scale,
+    rotation_matrix,
+    warp,
+)
 from h3de_lite.data.case import Case, validate_spacing
 from h3de_lite.data.dataset import LandmarkDataset
 from h3de_lite.data.landmarks import LANDMARK_NAMES, NUM_LANDMARKS, describe
@@ -36,6 +50,18 @@ from h3de_lite.data.transforms import (
 )
 
 __all__ = [
+    "LabeledCase",
+    "Compose",
+    "RandomCrop",
+    "RandomFlipLR",
+    "RandomRotateScale",
+    "IntensityJitter",
+    "flip_lr",
+    "rotate_scale",
+    "warp",
+    "rotation_matrix",
+    "adjust_intensity",
+    "landmarks_off_tissue",
     "Case",
     "validate_spacing",
     "LANDMARK_NAMES",
