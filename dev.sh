@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # h3de-lite's two commands:
 #   bash dev.sh book   build the Jupyter Book into _build/html (notebooks executed at H3DE_SCALE, default "book")
-#   bash dev.sh test   run the unit tests and execute every notebook with nbval (H3DE_SCALE, default "smoke")
+#   bash dev.sh test   run the unit tests and the docstring examples of h3de_lite (--doctest-modules), and execute
+#                      every notebook with nbval (H3DE_SCALE, default "smoke")
 # Both create (first time) and reuse a virtual environment in .venv (override with H3DE_VENV), install CPU
 # torch 2.13.0 when the environment has no torch, and install this package editable with its test and book extras.
 set -euo pipefail
@@ -47,7 +48,10 @@ case "${1:-}" in
         export H3DE_SCALE="${H3DE_SCALE:-smoke}" MPLBACKEND=Agg
         notebooks=()
         if compgen -G "notebooks/*.ipynb" >/dev/null; then notebooks=(notebooks); fi
-        python -m pytest tests "${notebooks[@]}" --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider "$@"
+        # --doctest-modules imports the .py files under the paths given here (h3de_lite/ and tests/) and runs their
+        # examples; nbval collects the .ipynb files under notebooks/. benchmarks/ and book/scripts/ are not passed.
+        python -m pytest h3de_lite tests "${notebooks[@]}" --doctest-modules --nbval-lax --nbval-cell-timeout=600 \
+            -p no:cacheprovider "$@"
         ;;
     book)
         shift

@@ -5,6 +5,16 @@ and for each of its ``n_a`` anchors, an offset per landmark and the probability 
 This module holds everything that does not learn: where the anchors are, which anchors are responsible for a
 landmark, the regression targets ``t = (g - f) / r``, and how predictions become landmark coordinates again.
 
+Departures from the paper (all listed in book/faithfulness.md):
+
+- multi-scale anchors (the paper: ``n_a = 3``, radius up to ``1u``): three concentric balls of radius ``0.5u``,
+  ``0.75u`` and ``1u`` at every location (:data:`ANCHOR_CONFIGS`);
+- positives: a present landmark that no anchor ball contains makes the anchor with the smallest distance-to-radius
+  ratio positive, so every present landmark has at least one positive anchor;
+- decoding: a probability-weighted vote of the ``top`` (4) most probable anchors, counting only those whose decoded
+  position lies within ``vote_radius`` (one stride) of the best anchor's; present when the highest probability
+  reaches ``threshold`` (0.5).
+
 Explained in notebooks/06_anchors.ipynb.
 """
 

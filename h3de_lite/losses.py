@@ -4,9 +4,18 @@
 - Anchor-based net: ``L_AB = λ_reg · L_reg + λ_cls · L_cls (+ λ_heatmap · L_heatmap)`` (eq. 14, 15, 17), where the
   heatmap term supervises the full-resolution heatmaps the anchor-based H3DENet also returns.
 
-The paper's λ values could not be found in the text available to us; every weight defaults to 1.0 and is a keyword.
+Departures from the paper (all listed in book/faithfulness.md):
+
+- existence BCE (eq. 15 is a plain mean over all anchors): the default ``balance="mean_pos_neg"`` is the mean BCE over
+  the positive (anchor, landmark) pairs plus the mean BCE over the negative ones; ``balance="mean"`` is eq. 15;
+- hard-negative mining (``hard_negative_ratio``, the reference code's) is an option, off by default;
+- offsets (eq. 14, "L2"): the squared L2 norm, averaged over positive pairs;
+- heatmaps (eq. 13): the plain MSE by default; ``present=`` averages over the channels of present landmarks only;
+- λ weights: the paper's values could not be found in the text available to us; every weight defaults to 1.0 and is
+  a keyword.
+
 The reference code (ECNUACRush/H3DE-Net) trains with a different loss (smooth-L1 on ``tanh`` offsets, a hard-negative
-mined BCE and a background regulariser); we follow the paper and keep the reference's hard-negative mining as an option.
+mined BCE and a background regulariser); we follow the paper.
 
 Explained in notebooks/06_anchors.ipynb.
 """

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
 
 from h3de_lite.anchors import AnchorGrid
+from h3de_lite.data.phantom import generate_phantom
+from h3de_lite.data.transforms import normalize_intensity
 from h3de_lite.decoding import predict_landmarks
 from h3de_lite.heatmaps import gaussian_heatmaps
 from h3de_lite.losses import anchor_based_loss
+from h3de_lite.models.h3de_net import H3DENet
 
 SHAPE = (64, 64, 32)  # the tiny preset's input size
 STEPS = 16  # ≈ 0.7 s of CPU per step on one core
@@ -19,11 +20,6 @@ WINDOW = 4  # steps averaged at the start and at the end
 
 
 def _phantom_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    if importlib.util.find_spec("h3de_lite.data.phantom") is None:
-        pytest.skip("h3de_lite.data.phantom (helper A) is not available yet")
-    from h3de_lite.data.phantom import generate_phantom
-    from h3de_lite.data.transforms import normalize_intensity
-
     case = generate_phantom(seed=0, shape=SHAPE, incomplete=True)
     volume = normalize_intensity(case.volume) / 255.0
     x = torch.as_tensor(volume, dtype=torch.float32)[None, None]  # (1, 1, D, H, W)
@@ -33,8 +29,6 @@ def _phantom_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("anchors", ["single", pytest.param("multi", marks=pytest.mark.slow)])
 def test_every_loss_term_falls(anchors):
-    from h3de_lite.models.h3de_net import H3DENet
-
     x, g = _phantom_batch()
     assert x.shape[-3:] == SHAPE
     present = ~torch.isnan(g).any(-1)

@@ -88,7 +88,8 @@ def test_roundtrip_exact(config, shape, rng):
     expect_present = ~torch.isnan(g).any(-1)
     assert torch.equal(present, expect_present)
     assert torch.isnan(coords[~present]).all()
-    assert torch.allclose(coords[present].double(), g[expect_present], atol=1e-4, rtol=0)
+    # float32 output: half an ulp of a coordinate below 32 (9.5e-7) plus r · 2⁻²⁴ of float32 offsets (≤ 2.4e-7)
+    torch.testing.assert_close(coords[present].double(), g[expect_present], atol=2e-6, rtol=0)
     assert torch.equal(score, expect_present.float())
 
 
@@ -163,25 +164,43 @@ def test_decode_weighted_vote_and_threshold():
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "match"),
     [
-        lambda: AnchorGrid((8, 8, 8), config="triple"),
-        lambda: AnchorGrid((8, 8), config="single"),
-        lambda: AnchorGrid((8, 0, 8)),
-        lambda: AnchorGrid((8, 8, 8), stride=0),
-        lambda: AnchorGrid((8, 8, 8)).encode(torch.zeros(4)),
-        lambda: AnchorGrid((8, 8, 8)).encode(torch.zeros(2, 3, 2)),
-        lambda: AnchorGrid((8, 8, 8)).encode(torch.tensor([[9.0, 1.0, 1.0]])),  # outside the volume
-        lambda: AnchorGrid((8, 8, 8)).decode(offsets=ZERO_T, probabilities=ZERO_P, threshold=1.5),
-        lambda: AnchorGrid((8, 8, 8)).decode(offsets=ZERO_T, probabilities=ZERO_P, threshold=-0.1),
-        lambda: AnchorGrid((8, 8, 8)).decode(offsets=ZERO_T, probabilities=ZERO_P, top=0),
-        lambda: AnchorGrid((8, 8, 8)).decode(offsets=torch.zeros(1, 9, 1, 3), probabilities=torch.zeros(1, 9, 1)),
-        lambda: AnchorGrid((8, 8, 8)).decode(offsets=torch.zeros(1, 8, 2, 3), probabilities=torch.zeros(1, 8, 1)),
-        lambda: AnchorGrid((8, 8, 8)).anchor_index((2, 0, 0)),
+        (lambda: AnchorGrid((8, 8, 8), config="triple"), r"config must be one of \['multi', 'single'\]"),
+        (lambda: AnchorGrid((8, 8), config="single"), r"volume_shape must be three positive integers"),
+        (lambda: AnchorGrid((8, 0, 8)), r"volume_shape must be three positive integers"),
+        (lambda: AnchorGrid((8, 8, 8), stride=0), "stride must be a positive integer"),
+        (lambda: AnchorGrid((8, 8, 8)).encode(torch.zeros(4)), r"landmarks must have shape \(L, 3\) or \(B, L, 3\)"),
+        (lambda: AnchorGrid((8, 8, 8)).encode(torch.zeros(2, 3, 2)), r"landmarks must have shape \(L, 3\)"),
+        (  # outside the volume
+            lambda: AnchorGrid((8, 8, 8)).encode(torch.tensor([[9.0, 1.0, 1.0]])),
+            r"landmarks\[0, 0\] = \[9.0, 1.0, 1.0\] lies outside the volume",
+        ),
+        (
+            lambda: AnchorGrid((8, 8, 8)).decode(offsets=ZERO_T, probabilities=ZERO_P, threshold=1.5),
+            r"threshold must lie in \[0, 1\], got 1.5",
+        ),
+        (
+            lambda: AnchorGrid((8, 8, 8)).decode(offsets=ZERO_T, probabilities=ZERO_P, threshold=-0.1),
+            r"threshold must lie in \[0, 1\], got -0.1",
+        ),
+        (
+            lambda: AnchorGrid((8, 8, 8)).decode(offsets=ZERO_T, probabilities=ZERO_P, top=0),
+            "top must be a positive integer",
+        ),
+        (
+            lambda: AnchorGrid((8, 8, 8)).decode(offsets=torch.zeros(1, 9, 1, 3), probabilities=torch.zeros(1, 9, 1)),
+            r"probabilities must have shape \(B, A=8, L\)",
+        ),
+        (
+            lambda: AnchorGrid((8, 8, 8)).decode(offsets=torch.zeros(1, 8, 2, 3), probabilities=torch.zeros(1, 8, 1)),
+            r"offsets must have shape \(1, 8, 1, 3\) to match probabilities",
+        ),
+        (lambda: AnchorGrid((8, 8, 8)).anchor_index((2, 0, 0)), r"location \(2, 0, 0\) / anchor 0 is outside"),
     ],
 )
-def test_bad_input_raises_value_error(call):
-    with pytest.raises(ValueError):
+def test_bad_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
         call()
 
 
@@ -195,6 +214,6 @@ def test_decode_ignores_confident_anchors_far_from_the_best_one():
     probabilities[0, far, 0] = 0.9  # confident, but 20+ voxels away from the landmark
     coords, present, _ = grid.decode(offsets=targets["offsets"], probabilities=probabilities)
     assert bool(present.all())
-    assert torch.allclose(coords[0], g.to(coords.dtype), atol=1e-4)
+    torch.testing.assert_close(coords[0], g.to(coords.dtype), atol=2e-6, rtol=0)
     with pytest.raises(ValueError, match="vote_radius"):
         grid.decode(offsets=targets["offsets"], probabilities=probabilities, vote_radius=-1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from h3de_lite.layers.fusion import ConcatFusion, FeatureFusionModule
 
@@ -27,27 +28,48 @@ def test_shape_contract(cls, kwargs: dict, decoder_shape: tuple, skip_shape: tup
     assert out.shape == expected and torch.isfinite(out).all()
 
 
-def _pair(ffm_gate_bias: float) -> tuple[FeatureFusionModule, ConcatFusion]:
-    ffm = FeatureFusionModule(decoder_channels=6, skip_channels=3, out_channels=4)
-    concat = ConcatFusion(decoder_channels=6, skip_channels=3, out_channels=4)
-    concat.fuse.load_state_dict(ffm.fuse.state_dict())  # the same local fusion conv
-    with torch.no_grad():
-        last = ffm.attention[-2]
-        last.weight.zero_()
-        last.bias.fill_(ffm_gate_bias)  # gate = sigmoid(bias) everywhere
-    return ffm, concat
+def _local_fusion(module: ConcatFusion, u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """F = LeakyReLU(InstanceNorm(conv3x3x3([U, E]))), written with torch.nn.functional from the module's weights."""
+    conv, norm = module.fuse[0], module.fuse[1]
+    x = F.conv3d(torch.cat([u, e], dim=1), conv.weight, conv.bias, padding=1)
+    x = F.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+    return F.leaky_relu(x, negative_slope=0.01)
 
 
-def test_ffm_with_a_closed_gate_equals_concat_fusion() -> None:
-    ffm, concat = _pair(-1e4)  # sigmoid(-1e4) = 0: F + F ⊙ 0 = F
+def _randomise(module: torch.nn.Module) -> None:
+    with torch.no_grad():  # away from the initialisation (norm affine 1/0), so every term matters
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+
+
+def test_concat_fusion_is_concat_conv_norm_act() -> None:
+    fusion = ConcatFusion(decoder_channels=6, skip_channels=3, out_channels=4)
+    _randomise(fusion)
     u, e = torch.randn(2, 6, 4, 4, 2), torch.randn(2, 3, 4, 4, 2)
-    torch.testing.assert_close(ffm(u, e), concat(u, e))
+    torch.testing.assert_close(fusion(u, e), _local_fusion(fusion, u, e))
 
 
-def test_ffm_with_an_open_gate_doubles_the_fused_feature() -> None:
-    ffm, concat = _pair(1e4)  # sigmoid(1e4) = 1: F + F ⊙ 1 = 2F
+def test_ffm_is_the_fused_feature_reweighted_by_its_channel_gate() -> None:
+    """U = F + F ⊙ σ(W₂ act(W₁ GAP(F))), computed by hand."""
+    ffm = FeatureFusionModule(decoder_channels=6, skip_channels=3, out_channels=8, reduction=2)
+    _randomise(ffm)
+    u, e = torch.randn(2, 6, 4, 4, 2), torch.randn(2, 3, 4, 4, 2)
+    fused = _local_fusion(ffm, u, e)  # (2, 8, 4, 4, 2)
+    w1, w2 = ffm.attention[1], ffm.attention[3]  # 1×1×1 convs 8 → 4 → 8
+    pooled = fused.mean(dim=(2, 3, 4))  # (2, 8)
+    gate = torch.sigmoid(F.leaky_relu(pooled @ w1.weight.flatten(1).T + w1.bias) @ w2.weight.flatten(1).T + w2.bias)
+    torch.testing.assert_close(ffm(u, e), fused + fused * gate[:, :, None, None, None])
+
+
+@pytest.mark.parametrize(("bias", "factor"), [(-1e4, 1.0), (1e4, 2.0)])
+def test_ffm_gate_extremes(bias: float, factor: float) -> None:
+    """A closed gate (σ = 0) leaves F, an open one (σ = 1) doubles it."""
+    ffm = FeatureFusionModule(decoder_channels=6, skip_channels=3, out_channels=4)
+    with torch.no_grad():
+        ffm.attention[-2].weight.zero_()
+        ffm.attention[-2].bias.fill_(bias)
     u, e = torch.randn(1, 6, 3, 3, 3), torch.randn(1, 3, 3, 3, 3)
-    torch.testing.assert_close(ffm(u, e), 2 * concat(u, e))
+    torch.testing.assert_close(ffm(u, e), factor * _local_fusion(ffm, u, e))
 
 
 def test_ffm_gate_is_one_weight_per_sample_and_channel() -> None:
@@ -68,20 +90,20 @@ def test_every_parameter_gets_a_gradient() -> None:
 
 @pytest.mark.parametrize("cls", [FeatureFusionModule, ConcatFusion])
 @pytest.mark.parametrize(
-    ("decoder_shape", "skip_shape"),
+    ("decoder_shape", "skip_shape", "match"),
     [
-        ((1, 4, 4, 4, 2), (1, 2, 2, 2, 1)),  # decoder not upsampled to the skip's size
-        ((1, 3, 4, 4, 2), (1, 2, 4, 4, 2)),  # wrong decoder channels
-        ((2, 4, 4, 4, 2), (1, 2, 4, 4, 2)),  # batch mismatch
-        ((4, 4, 4, 2), (2, 4, 4, 2)),  # not 5D
+        ((1, 4, 4, 4, 2), (1, 2, 2, 2, 1), "share batch size and spatial size"),  # decoder not upsampled yet
+        ((1, 3, 4, 4, 2), (1, 2, 4, 4, 2), "expected 4 decoder and 2 skip channels, got 3 and 2"),
+        ((2, 4, 4, 4, 2), (1, 2, 4, 4, 2), "share batch size and spatial size"),  # batch mismatch
+        ((4, 4, 4, 2), (2, 4, 4, 2), r"must be \(B, C, D, H, W\)"),  # not 5D
     ],
 )
-def test_mismatched_inputs_raise(cls, decoder_shape: tuple, skip_shape: tuple) -> None:
+def test_mismatched_inputs_raise(cls, decoder_shape: tuple, skip_shape: tuple, match: str) -> None:
     fusion = cls(decoder_channels=4, skip_channels=2, out_channels=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         fusion(torch.randn(decoder_shape), torch.randn(skip_shape))
 
 
 def test_bad_reduction_raises() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reduction must be a positive integer, got 0"):
         FeatureFusionModule(decoder_channels=4, skip_channels=2, out_channels=4, reduction=0)

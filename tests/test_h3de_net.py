@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from torch import nn
 
+from h3de_lite.anchors import AnchorGrid
 from h3de_lite.config import PRESETS, H3DENetConfig, get_preset, preset_names
+from h3de_lite.layers.attention import BiLevelRoutingAttention3d, DenseAttention3d
 from h3de_lite.layers.block import VBRABlock
 from h3de_lite.layers.conv import ResidualConvBlock
 from h3de_lite.layers.fusion import ConcatFusion, FeatureFusionModule
 from h3de_lite.layers.super_resolution import SuperResolutionBlock, TrilinearUpsample
 from h3de_lite.models.h3de_net import H3DENet, count_parameters, model_flops
-
-HAS_HEADS = importlib.util.find_spec("h3de_lite.models.heads") is not None
 
 # A network smaller than "tiny", for the many shape cases.
 MICRO = {
@@ -132,11 +130,8 @@ def test_drop_path_rises_linearly_over_the_vbra_blocks() -> None:
     torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.2, 10))
 
 
-@pytest.mark.skipif(not HAS_HEADS, reason="h3de_lite.models.heads (AnchorHead, helper E) is not written yet")
 @pytest.mark.parametrize(("anchors", "n_a"), [("single", 1), ("multi", 3)])
 def test_anchor_head_outputs(anchors: str, n_a: int) -> None:
-    from h3de_lite.anchors import AnchorGrid
-
     model = micro(head="anchor", anchors=anchors, num_landmarks=5).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 1, 64, 32, 32))
@@ -149,7 +144,6 @@ def test_anchor_head_outputs(anchors: str, n_a: int) -> None:
     assert model.anchor_head.in_channels == model.decoder_channels[2]  # reads D_2, the H/4 decoder feature
 
 
-@pytest.mark.skipif(not HAS_HEADS, reason="h3de_lite.models.heads (AnchorHead, helper E) is not written yet")
 def test_anchor_network_gets_gradients_everywhere() -> None:
     model = micro(head="anchor", anchors="multi").train()
     out = model(torch.randn(1, 1, 32, 32, 64))
@@ -187,11 +181,90 @@ def test_regions_per_side_accepts_a_list_triple() -> None:
     assert model.stages[1][1].attn.grid == (2, 2, 1)
 
 
-def test_from_preset_builds_the_configured_network() -> None:
-    cfg = get_preset("tiny")
-    model = H3DENet.from_preset("tiny")
-    assert model.encoder_channels == (cfg.stem_channels, *cfg.channels)
-    assert count_parameters(model) == count_parameters(H3DENet(**cfg.model_kwargs()))
+# Parameter counts written out from the architecture (H3DENet docstring, layer docstrings), not from the code:
+# a conv has out·in·k³ weights (÷ groups), a conv followed by a norm has no bias, an affine norm has 2 per channel.
+def _conv_norm(c_in: int, c_out: int, k: int = 3) -> int:  # ConvNormAct and Downsample: bias-free conv + norm
+    return c_out * c_in * k**3 + 2 * c_out
+
+
+def _vbra_block(c: int, mlp_ratio: float, lepe: int) -> int:
+    hidden = round(c * mlp_ratio)
+    pos_embed = 27 * c + c  # depthwise 3×3×3 conv with bias
+    qkv, lepe_conv, proj = 3 * c * c + 3 * c, lepe**3 * c + c, c * c + c  # qk_dim = dim
+    mlp = (c * hidden + hidden) + (hidden * c + c)
+    return pos_embed + 2 * c + qkv + lepe_conv + proj + 2 * c + mlp  # two LayerNorms
+
+
+def _decoder_level(c_coarse: int, c: int) -> int:
+    srb = 27 * c_coarse + 8 * c_coarse * c + 2 * c  # depthwise 3×3×3, pointwise to c·2³, norm
+    hidden = max(c // 4, 4)
+    ffm = _conv_norm(2 * c, c) + (c * hidden + hidden) + (hidden * c + c)  # concat conv + channel-gate MLP
+    return srb + ffm + _conv_norm(c, c)  # + refinement conv
+
+
+def expected_parameters(cfg: H3DENetConfig) -> int:
+    """Trainable parameters of the network cfg describes (per-stage settings given as 5-tuples)."""
+    widths = (cfg.stem_channels, *cfg.channels)  # E_0 … E_5; D_i has the width of E_i
+    total = _conv_norm(cfg.in_channels, widths[0]) + _conv_norm(widths[0], widths[0])  # two-conv stem
+    for i in range(5):
+        total += _conv_norm(widths[i], widths[i + 1])  # stride-2 downsampling
+        c = widths[i + 1]
+        block = 2 * _conv_norm(c, c) if cfg.stage_types[i] == "conv" else _vbra_block(c, cfg.mlp_ratio, cfg.lepe_kernel)
+        total += cfg.depths[i] * block
+        total += _decoder_level(widths[i + 1], widths[i])
+    total += widths[0] * cfg.num_landmarks + cfg.num_landmarks  # 1×1×1 heatmap head
+    if cfg.head == "anchor":
+        c, outputs = widths[2], cfg.num_landmarks * {"single": 1, "multi": 3}[cfg.anchors]
+        branch = 27 * c * c + 2 * c  # bias-free 3×3×3 conv + GroupNorm, per branch
+        total += 2 * branch + (c * 3 * outputs + 3 * outputs) + (c * outputs + outputs)
+    return total
+
+
+MICRO_CONFIG = H3DENetConfig(
+    stem_channels=4,
+    channels=(8, 8, 16, 16, 16),
+    depths=(1, 1, 1, 1, 1),
+    num_heads=(2, 2, 2, 2, 2),
+    regions_per_side=((2, 2, 1),) * 5,
+    topk=(2, 2, 2, 2, 2),
+)
+
+
+def test_micro_parameter_count_by_hand() -> None:
+    """The smallest case, with its stem and conv stage E_1 written out."""
+    stem = (4 * 1 * 27 + 2 * 4) + (4 * 4 * 27 + 2 * 4)  # two conv-norm layers: 116 + 440
+    e1 = (8 * 4 * 27 + 2 * 8) + 2 * (8 * 8 * 27 + 2 * 8)  # downsample 880 + residual block 3 488
+    assert (stem, e1) == (556, 4368)
+    model = H3DENet.from_config(MICRO_CONFIG)
+    assert count_parameters(model.stem) == stem and count_parameters(model.stages[0]) == e1
+    assert count_parameters(model) == expected_parameters(MICRO_CONFIG) == 105_002
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"head": "anchor", "anchors": "single"},
+        {"head": "anchor", "anchors": "multi", "num_landmarks": 3},
+        {"stage_types": ("conv", "conv", "vbra", "conv", "vbra"), "depths": (2, 1, 2, 1, 1), "mlp_ratio": 2.0},
+        {"lepe_kernel": 3, "in_channels": 2},
+    ],
+)
+def test_parameter_count_matches_the_architecture(overrides: dict) -> None:
+    cfg = MICRO_CONFIG.replace(**overrides)
+    assert count_parameters(H3DENet.from_config(cfg)) == expected_parameters(cfg)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "millions"),
+    [("tiny", {}, 0.98), ("paper", {}, 23.66), ("paper", {"head": "anchor", "anchors": "multi"}, 23.89)],
+)
+def test_preset_parameter_counts(name: str, overrides: dict, millions: float) -> None:
+    """The presets' sizes quoted in the README and notebook 04 (paper: 23.7 M), and the formula above."""
+    cfg = get_preset(name).replace(**overrides)
+    n = count_parameters(H3DENet.from_preset(name, **overrides))
+    assert n == expected_parameters(cfg)
+    assert round(n / 1e6, 2) == millions
 
 
 @pytest.mark.slow
@@ -227,44 +300,74 @@ def test_unknown_override_lists_the_fields() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "match"),
     [
-        {"head": "boxes"},
-        {"anchors": "double"},
-        {"channels": (8, 8, 8, 8)},
-        {"depths": (1, 1, 0, 1, 1)},
-        {"stage_types": ("conv", "attention", "vbra", "vbra", "vbra")},
-        {"num_heads": 3},  # does not divide 8 or 16
-        {"drop_path": 1.0},
-        {"stem_channels": 0},
-        {"topk": 5},  # more than the 2·2·1 regions
+        ({"head": "boxes"}, "head must be one of"),
+        ({"anchors": "double"}, "anchors must be one of"),
+        ({"channels": (8, 8, 8, 8)}, r"channels must be a single value or one value per stage \(5 entries\)"),
+        ({"depths": (1, 1, 0, 1, 1)}, "depths must hold positive integers"),
+        ({"stage_types": ("conv", "attention", "vbra", "vbra", "vbra")}, "stage_types entries must be one of"),
+        ({"num_heads": 3}, "num_heads=3 does not divide"),  # does not divide 8 or 16
+        ({"drop_path": 1.0}, r"drop_path must be in \[0, 1\)"),
+        ({"stem_channels": 0}, "stem_channels must hold positive integers"),
+        ({"topk": 5}, "topk must be an int between 1 and the number of regions 4"),  # more than the 2·2·1 regions
     ],
 )
-def test_bad_constructor_arguments_raise(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+def test_bad_constructor_arguments_raise(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
         micro(**kwargs)
 
 
-def test_count_parameters_and_flops_by_hand() -> None:
+def test_count_parameters_by_hand() -> None:
     conv = nn.Conv3d(2, 4, 3, padding=1)
     assert count_parameters(conv) == 4 * 2 * 27 + 4
     conv.bias.requires_grad_(False)
     assert count_parameters(conv) == 4 * 2 * 27
     assert count_parameters(conv, trainable_only=False) == 4 * 2 * 27 + 4
-    # every output voxel of every output channel: 2·27 multiply-adds = 2 FLOPs each
-    assert model_flops(conv, (1, 2, 4, 4, 4)) == 64 * 4 * 2 * 27 * 2
 
 
-def test_model_flops_counts_the_attention() -> None:
-    from torch.utils.flop_counter import FlopCounterMode
+# FLOPs by hand: a multiply–add is 2 FLOPs; norms, activations, softmax and element-wise ops are not counted.
+def test_model_flops_of_a_conv_and_a_linear() -> None:
+    # every output voxel of every output channel: 2·27 multiply-adds per input channel
+    assert model_flops(nn.Conv3d(2, 4, 3, padding=1), (1, 2, 4, 4, 4)) == 2 * 64 * 4 * 2 * 27
+    assert model_flops(nn.Conv3d(3, 6, 3, stride=2, padding=1), (2, 3, 8, 8, 4)) == 2 * (2 * 4 * 4 * 2) * 6 * 3 * 27
+    assert model_flops(nn.Conv3d(4, 4, 3, padding=1, groups=4), (1, 4, 4, 4, 2)) == 2 * 32 * 4 * 27  # depthwise
+    assert model_flops(nn.Linear(5, 7), (2, 3, 5)) == 2 * 6 * 5 * 7
 
-    from h3de_lite.models.h3de_net import _EXTRA_FLOP_FORMULAS
 
-    model = micro().eval()
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-    with torch.no_grad(), counter:
-        model(torch.zeros(1, 1, 64, 32, 32))
-    per_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    attention = per_op.get("aten._scaled_dot_product_flash_attention_for_cpu", 0) + per_op.get("aten.bmm", 0)
-    assert attention > 0
-    assert counter.get_total_flops() == sum(per_op.values())
+def test_model_flops_of_dense_attention() -> None:
+    # N = 4·4·2 = 32 tokens, C = 8 channels, 2 heads of 4, LePE 3×3×3.
+    n, c = 32, 8
+    expected = (
+        2 * n * c * 3 * c  # qkv projection
+        + 2 * 2 * n * n * c  # QKᵀ and AV over all heads: 2·N²·C each
+        + 2 * n * c * c  # output projection
+        + 2 * n * c * 27  # LePE depthwise conv
+    )
+    assert expected == 62_976
+    attn = DenseAttention3d(dim=c, num_heads=2, lepe_kernel=3).eval()
+    assert model_flops(attn, (1, c, 4, 4, 2)) == expected
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_model_flops_of_routed_attention(fused: bool) -> None:
+    # N = 64 tokens in R = 2·2·2 regions of T = 8; each query region attends to k = 2 regions (16 keys).
+    n, c, r, t, k = 64, 8, 8, 8, 2
+    expected = (
+        2 * n * c * 3 * c  # q and k, v projections
+        + 2 * r * r * c  # region routing Qʳ Kʳᵀ (eq. 3)
+        + 2 * 2 * r * t * (k * t) * c  # token attention QKᵀ and AV inside the routed regions (eq. 4)
+        + 2 * n * c * c  # output projection
+        + 2 * n * c * 27  # LePE depthwise conv
+    )
+    assert expected == 94_208
+    attn = BiLevelRoutingAttention3d(dim=c, num_heads=2, regions_per_side=2, topk=k, lepe_kernel=3, fused=fused)
+    assert model_flops(attn.eval(), (1, c, 4, 4, 4)) == expected
+
+
+def test_model_flops_of_a_vbra_block() -> None:
+    n, c = 64, 8
+    attention = 94_208  # the routed attention above
+    expected = 2 * n * c * 27 + attention + 2 * 2 * n * c * 4 * c  # position conv, attention, MLP C → 4C → C
+    block = VBRABlock(dim=c, num_heads=2, regions_per_side=2, topk=2, lepe_kernel=3).eval()
+    assert model_flops(block, (1, c, 4, 4, 4)) == expected

@@ -67,8 +67,10 @@ def test_prior_initialisation():
     head = AnchorHead(in_channels=8, num_landmarks=4, num_anchors=3)
     out = head(torch.randn(2, 8, 4, 4, 4))
     p = torch.sigmoid(out["logits"])
-    assert abs(p.mean().item() - 0.01) < 0.005
-    assert out["offsets"].abs().mean() < 0.1
+    # Last-layer weights of std 0.01 perturb the logits by ~0.01 around log(0.01 / 0.99): p stays within 10 % of 0.01.
+    assert ((p > 0.009) & (p < 0.011)).all()
+    assert abs(p.mean().item() - 0.01) < 1e-4
+    assert out["offsets"].abs().mean() < 0.03  # ~0.01 · √hidden · |activation|
     assert head.logit_branch[-1].bias[0].item() == pytest.approx(math.log(0.01 / 0.99))
 
 
@@ -83,23 +85,23 @@ def test_every_parameter_gets_a_gradient():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "match"),
     [
-        dict(in_channels=0, num_landmarks=14),
-        dict(in_channels=8, num_landmarks=0),
-        dict(in_channels=8, num_landmarks=14, num_anchors=0),
-        dict(in_channels=8, num_landmarks=14, hidden_channels=0),
-        dict(in_channels=8, num_landmarks=14, prior_probability=1.0),
+        (dict(in_channels=0, num_landmarks=14), "in_channels must be a positive integer, got 0"),
+        (dict(in_channels=8, num_landmarks=0), "num_landmarks must be a positive integer, got 0"),
+        (dict(in_channels=8, num_landmarks=14, num_anchors=0), "num_anchors must be a positive integer, got 0"),
+        (dict(in_channels=8, num_landmarks=14, hidden_channels=0), "hidden_channels must be a positive integer"),
+        (dict(in_channels=8, num_landmarks=14, prior_probability=1.0), "prior_probability must lie strictly between"),
     ],
 )
-def test_bad_constructor_raises(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_constructor_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         AnchorHead(**kwargs)
 
 
 def test_bad_input_raises():
     head = AnchorHead(in_channels=8, num_landmarks=2)
-    with pytest.raises(ValueError, match="in_channels|expects"):
+    with pytest.raises(ValueError, match=r"AnchorHead expects input of shape \(B, 8, d, h, w\), got \(1, 4, 2, 2, 2\)"):
         head(torch.randn(1, 4, 2, 2, 2))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"AnchorHead expects input of shape \(B, 8, d, h, w\), got \(8, 2, 2, 2\)"):
         head(torch.randn(8, 2, 2, 2))

@@ -83,10 +83,10 @@ def test_existence_loss_balance():
     logits = torch.where(y > 0, -2.0, -20.0)  # positive badly predicted, negatives perfect
     balanced = existence_loss(logits, y).item()
     plain = existence_loss(logits, y, balance="mean").item()
-    assert balanced == pytest.approx(F.softplus(torch.tensor(2.0)).item() + FLOOR, rel=1e-5)
+    assert balanced == pytest.approx(F.softplus(torch.tensor(2.0)).item() + FLOOR, rel=1e-6)
     assert plain < balanced / 100
     weighted = existence_loss(logits, y, balance="mean", pos_weight=999.0).item()
-    assert weighted == pytest.approx((999 * F.softplus(torch.tensor(2.0)).item() + 999 * FLOOR) / 1000, rel=1e-5)
+    assert weighted == pytest.approx((999 * F.softplus(torch.tensor(2.0)).item() + 999 * FLOOR) / 1000, rel=1e-6)
     # Only negatives (all landmarks missing): still trains the negatives.
     zero_y = torch.zeros(1, 10, 2)
     assert existence_loss(torch.zeros_like(zero_y), zero_y).item() == pytest.approx(math.log(2))
@@ -100,7 +100,7 @@ def test_hard_negative_mining():
     logits[0, 1:4, 0] = torch.tensor([3.0, 2.0, 1.0])  # the three hardest negatives
     mined = existence_loss(logits, y, hard_negative_ratio=3).item()
     expected = FLOOR + F.softplus(torch.tensor([3.0, 2.0, 1.0])).mean().item()
-    assert mined == pytest.approx(expected, rel=1e-5)
+    assert mined == pytest.approx(expected, rel=1e-6)
     assert existence_loss(logits, y).item() < mined  # the plain negative mean dilutes the hard ones
 
 
@@ -139,33 +139,65 @@ def test_gradients_flow(batch):
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0, name
 
 
+_TARGETS_WITHOUT_POSITIVE = {"offsets": torch.zeros(1, 4, 1, 3), "probabilities": torch.zeros(1, 4, 1)}
+_TARGETS = {**_TARGETS_WITHOUT_POSITIVE, "positive": torch.zeros(1, 4, 1, dtype=torch.bool)}
+_HEAD = {"offsets": torch.zeros(1, 4, 1, 3), "logits": torch.zeros(1, 4, 1)}
+
+
 @pytest.mark.parametrize(
-    "call",
+    ("call", "match"),
     [
-        lambda: heatmap_loss(torch.zeros(1, 2, 2, 2, 2), torch.zeros(1, 3, 2, 2, 2)),
-        lambda: heatmap_loss(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)),
-        lambda: heatmap_loss(HM, HM, present=torch.ones(2, dtype=torch.bool)),
-        lambda: offset_loss(torch.zeros(1, 4, 1, 3), torch.zeros(1, 4, 1, 3), torch.zeros(1, 4, 2, dtype=torch.bool)),
-        lambda: offset_loss(torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 1, dtype=torch.bool)),
-        lambda: existence_loss(torch.zeros(1, 4, 1), torch.zeros(1, 4, 2)),
-        lambda: existence_loss(torch.zeros(1, 4, 1), torch.zeros(1, 4, 1), balance="focal"),
-        lambda: existence_loss(torch.zeros(1, 4, 1), torch.zeros(1, 4, 1), pos_weight=10.0),  # needs balance="mean"
-        lambda: existence_loss(torch.zeros(1, 4, 1), torch.zeros(1, 4, 1), hard_negative_ratio=0),
-        lambda: anchor_based_loss({"offsets": torch.zeros(1, 4, 1, 3)}, {}),
-        lambda: anchor_based_loss(
-            {"offsets": torch.zeros(1, 4, 1, 3), "logits": torch.zeros(1, 4, 1)},
-            {"offsets": torch.zeros(1, 4, 1, 3), "probabilities": torch.zeros(1, 4, 1)},
+        (
+            lambda: heatmap_loss(torch.zeros(1, 2, 2, 2, 2), torch.zeros(1, 3, 2, 2, 2)),
+            r"heatmap_loss: prediction shape \(1, 2, 2, 2, 2\) differs from target shape \(1, 3, 2, 2, 2\)",
         ),
-        lambda: anchor_based_loss(  # heatmaps without target_heatmaps
-            {"offsets": torch.zeros(1, 4, 1, 3), "logits": torch.zeros(1, 4, 1), "heatmaps": HM[:, :1]},
-            {
-                "offsets": torch.zeros(1, 4, 1, 3),
-                "probabilities": torch.zeros(1, 4, 1),
-                "positive": torch.zeros(1, 4, 1, dtype=torch.bool),
-            },
+        (
+            lambda: heatmap_loss(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)),
+            r"heatmap_loss expects \(B, L, D, H, W\) heatmaps",
+        ),
+        (
+            lambda: heatmap_loss(HM, HM, present=torch.ones(2, dtype=torch.bool)),
+            r"present must have shape \(1, 2\), got \(2,\)",
+        ),
+        (
+            lambda: offset_loss(
+                torch.zeros(1, 4, 1, 3), torch.zeros(1, 4, 1, 3), torch.zeros(1, 4, 2, dtype=torch.bool)
+            ),
+            r"offset_loss expects offsets \(B, A, L, 3\) and positive \(B, A, L\)",
+        ),
+        (
+            lambda: offset_loss(
+                torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 1, 2), torch.zeros(1, 4, 1, dtype=torch.bool)
+            ),
+            r"offset_loss expects offsets \(B, A, L, 3\)",
+        ),
+        (
+            lambda: existence_loss(torch.zeros(1, 4, 1), torch.zeros(1, 4, 2)),
+            "existence_loss: prediction shape .* differs from target shape",
+        ),
+        (
+            lambda: existence_loss(torch.zeros(1, 4, 1), torch.zeros(1, 4, 1), balance="focal"),
+            "balance must be 'mean_pos_neg' or 'mean', got 'focal'",
+        ),
+        (  # pos_weight needs balance="mean"
+            lambda: existence_loss(torch.zeros(1, 4, 1), torch.zeros(1, 4, 1), pos_weight=10.0),
+            "pos_weight must be a positive number and needs balance='mean'",
+        ),
+        (
+            lambda: existence_loss(torch.zeros(1, 4, 1), torch.zeros(1, 4, 1), hard_negative_ratio=0),
+            "hard_negative_ratio must be a positive number or None",
+        ),
+        (
+            lambda: anchor_based_loss({"offsets": torch.zeros(1, 4, 1, 3)}, {}),
+            "anchor_based_loss: outputs lacks 'logits'",
+        ),
+        (lambda: anchor_based_loss(_HEAD, _TARGETS_WITHOUT_POSITIVE), "anchor_based_loss: targets lacks 'positive'"),
+        (  # heatmaps without target_heatmaps
+            lambda: anchor_based_loss({**_HEAD, "heatmaps": HM[:, :1]}, _TARGETS),
+            "outputs has 'heatmaps' but target_heatmaps is None",
         ),
     ],
 )
-def test_bad_input_raises_value_error(call):
-    with pytest.raises(ValueError):
+def test_bad_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
         call()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-import time
-
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -259,16 +256,3 @@ def test_write_phantom_dataset_rejects_bad_arguments(tmp_path, kwargs: dict, mat
     with pytest.raises(ValueError, match=match):
         write_phantom_dataset(tmp_path, progress=False, **kwargs)
     assert not any(tmp_path.iterdir())
-
-
-@pytest.mark.slow
-def test_acceptance_seven_default_volumes_in_under_a_minute(tmp_path) -> None:
-    start = time.perf_counter()
-    paths = write_phantom_dataset(tmp_path, seed=0, n_train=4, n_val=1, n_test=2, progress=False)
-    elapsed = time.perf_counter() - start
-    assert len(paths) == 7 and elapsed < 60.0, elapsed
-
-
-def test_docstring_examples() -> None:
-    result = doctest.testmod(phantom, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0

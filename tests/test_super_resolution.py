@@ -52,16 +52,16 @@ def test_shuffle_inverts_unshuffle() -> None:
 
 
 @pytest.mark.parametrize(
-    ("fn", "shape", "r"),
+    ("fn", "shape", "r", "match"),
     [
-        (pixel_shuffle_3d, (1, 12, 2, 2, 2), 2),  # 12 channels not a multiple of 8
-        (pixel_shuffle_3d, (12, 2, 2, 2), 2),  # not 5D
-        (pixel_unshuffle_3d, (1, 2, 4, 3, 4), 2),  # H not a multiple of 2
-        (pixel_shuffle_3d, (1, 8, 2, 2, 2), 0),  # bad factor
+        (pixel_shuffle_3d, (1, 12, 2, 2, 2), 2, "channel count is not a multiple of 8"),  # 12 channels
+        (pixel_shuffle_3d, (12, 2, 2, 2), 2, r"needs x of shape \(B, C\*2\^3, D, H, W\); got \(12, 2, 2, 2\)"),
+        (pixel_unshuffle_3d, (1, 2, 4, 3, 4), 2, "with D, H, W multiples of 2"),  # H not a multiple of 2
+        (pixel_shuffle_3d, (1, 8, 2, 2, 2), 0, "scale must be a positive integer upsampling factor, got 0"),
     ],
 )
-def test_shuffle_errors(fn, shape: tuple, r: int) -> None:
-    with pytest.raises(ValueError):
+def test_shuffle_errors(fn, shape: tuple, r: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
         fn(torch.randn(shape), r)
 
 
@@ -137,9 +137,9 @@ def test_every_parameter_gets_a_gradient() -> None:
 
 
 def test_bad_arguments_raise() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
         SuperResolutionBlock(in_channels=4, out_channels=2, kernel_size=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="in_channels must be a positive integer, got 0"):
         SuperResolutionBlock(in_channels=0, out_channels=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="scale must be a positive integer upsampling factor, got 0"):
         TrilinearUpsample(in_channels=4, out_channels=2, scale=0)

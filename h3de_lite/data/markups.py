@@ -191,8 +191,10 @@ def read_markups(path: str | Path) -> dict[str, np.ndarray]:
         - output: ``{label: (3,)}`` RAS mm, in file order
 
     Example:
-        >>> write_markups("p.mrk.json", {"L0": np.array([1.0, 2.0, 3.0])})  # doctest: +SKIP
-        >>> read_markups("p.mrk.json")["L0"].shape  # doctest: +SKIP
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     write_markups(f"{folder}/p.mrk.json", {"L0": np.array([1.0, 2.0, 3.0])})
+        ...     read_markups(f"{folder}/p.mrk.json")["L0"].shape
         (3,)
 
     Explained in notebooks/02_data.ipynb.
@@ -316,8 +318,10 @@ def write_markups(
         - points: ``{label: (3,)}``
 
     Example:
-        >>> write_markups("p.fcsv", {"L0": np.array([1.0, 2.0, 3.0])}, coordinate_system="RAS")  # doctest: +SKIP
-        >>> read_markups("p.fcsv")["L0"].shape  # doctest: +SKIP
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     write_markups(f"{folder}/p.fcsv", {"L0": np.array([1.0, 2.0, 3.0])}, coordinate_system="RAS")
+        ...     read_markups(f"{folder}/p.fcsv")["L0"].shape
         (3,)
 
     Explained in notebooks/02_data.ipynb.

@@ -121,10 +121,12 @@ def write_mml_case(directory: str | Path, case: Case) -> None:
         - case.volume ``(D, H, W)``; case.landmarks ``(L, 3)``; case.spacing ``(3,)``
 
     Example:
+        >>> import tempfile
         >>> case = Case(volume=np.zeros((8, 8, 4)), landmarks=np.full((14, 3), np.nan), spacing=[1, 1, 2],
         ...             case_id="0001")
-        >>> write_mml_case("data/train", case)  # doctest: +SKIP
-        >>> read_mml_case("data/train", "0001").volume.shape  # doctest: +SKIP
+        >>> with tempfile.TemporaryDirectory() as root:  # e.g. "data"
+        ...     write_mml_case(f"{root}/train", case)
+        ...     read_mml_case(f"{root}/train", "0001").volume.shape
         (8, 8, 4)
 
     Explained in notebooks/02_data.ipynb.
@@ -168,7 +170,12 @@ def read_mml_landmarks(directory: str | Path, case_id: str, *, num_landmarks: in
         - output: ``(L, 3)`` float64 voxel coordinates, ``NaN`` rows for missing landmarks
 
     Example:
-        >>> read_mml_landmarks("data/train", "0001").shape  # doctest: +SKIP
+        >>> import tempfile
+        >>> case = Case(volume=np.zeros((8, 8, 4)), landmarks=np.full((14, 3), np.nan), spacing=[1, 1, 2],
+        ...             case_id="0001")
+        >>> with tempfile.TemporaryDirectory() as folder:  # e.g. "data/train"
+        ...     write_mml_case(folder, case)
+        ...     read_mml_landmarks(folder, "0001").shape
         (14, 3)
 
     Explained in notebooks/02_data.ipynb.
@@ -230,7 +237,12 @@ def read_mml_case(directory: str | Path, case_id: str) -> Case:
           rows for missing landmarks, spacing ``(3,)``
 
     Example:
-        >>> read_mml_case("data/train", "0001").landmarks.shape  # doctest: +SKIP
+        >>> import tempfile
+        >>> case = Case(volume=np.zeros((8, 8, 4)), landmarks=np.full((14, 3), np.nan), spacing=[1, 1, 2],
+        ...             case_id="0001")
+        >>> with tempfile.TemporaryDirectory() as folder:  # e.g. "data/train"
+        ...     write_mml_case(folder, case)
+        ...     read_mml_case(folder, "0001").landmarks.shape
         (14, 3)
 
     Explained in notebooks/02_data.ipynb.
@@ -270,7 +282,12 @@ def list_mml_cases(root: str | Path, split: str) -> list[str]:
         - output: ``list[str]``
 
     Example:
-        >>> list_mml_cases("data", "train")  # doctest: +SKIP
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as root:  # e.g. "data"
+        ...     for case_id in ("0002", "0001"):
+        ...         write_mml_case(f"{root}/train", Case(volume=np.zeros((8, 8, 4)), landmarks=np.full((14, 3), np.nan),
+        ...                                              spacing=[1, 1, 2], case_id=case_id))
+        ...     list_mml_cases(root, "train")
         ['0001', '0002']
 
     Explained in notebooks/02_data.ipynb.

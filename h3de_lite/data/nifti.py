@@ -144,9 +144,12 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         - output: volume ``(D, H, W)``; affine ``(4, 4)``
 
     Example:
-        >>> volume, affine = read_nifti("case.nii.gz")  # doctest: +SKIP
-        >>> volume.shape, affine.shape  # doctest: +SKIP
-        ((128, 128, 64), (4, 4))
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     write_nifti(f"{folder}/case.nii.gz", np.zeros((16, 16, 8), np.int16), np.diag([0.5, 0.5, 1.0, 1.0]))
+        ...     volume, affine = read_nifti(f"{folder}/case.nii.gz")
+        >>> volume.shape, affine.shape
+        ((16, 16, 8), (4, 4))
 
     Explained in notebooks/02_data.ipynb.
     """
@@ -179,8 +182,10 @@ def write_nifti(path: str | Path, volume: np.ndarray, affine: np.ndarray) -> Non
         - volume: ``(D, H, W)``; affine ``(4, 4)``
 
     Example:
-        >>> write_nifti("case.nii.gz", np.zeros((4, 5, 6), np.int16), np.eye(4))  # doctest: +SKIP
-        >>> read_nifti("case.nii.gz")[0].shape  # doctest: +SKIP
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     write_nifti(f"{folder}/case.nii.gz", np.zeros((4, 5, 6), np.int16), np.eye(4))
+        ...     read_nifti(f"{folder}/case.nii.gz")[0].shape
         (4, 5, 6)
 
     Explained in notebooks/02_data.ipynb.
@@ -229,8 +234,13 @@ def load_nifti_case(
         - output: ``Case`` with volume ``(D, H, W)``, landmarks ``(L, 3)``, spacing ``(3,)``
 
     Example:
-        >>> case = load_nifti_case("0001.nii.gz", "0001.mrk.json")  # doctest: +SKIP
-        >>> case.landmarks.shape  # doctest: +SKIP
+        >>> import tempfile
+        >>> from h3de_lite.data.markups import write_markups
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     write_nifti(f"{folder}/0001.nii.gz", np.zeros((16, 16, 8), np.int16), np.eye(4))
+        ...     write_markups(f"{folder}/0001.mrk.json", {"La": np.array([4.0, 5.0, 6.0])})  # RAS mm
+        ...     case = load_nifti_case(f"{folder}/0001.nii.gz", f"{folder}/0001.mrk.json")
+        >>> case.landmarks.shape
         (14, 3)
 
     Explained in notebooks/02_data.ipynb.

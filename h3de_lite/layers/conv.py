@@ -3,6 +3,10 @@
 These are the local-feature parts of the hybrid network (the stem, eq. 9, the CNN encoder stage and the decoder
 refinement); the global-context parts are the V-BRA blocks in :mod:`h3de_lite.layers.block`.
 
+Departures from the paper (book/faithfulness.md): the stem is two of these blocks where eq. 9 has one conv, and the
+encoder stage E_1 (H/2) is convolutional (:class:`Downsample` + :class:`ResidualConvBlock`) where the paper uses V-BRA
+stages. Norm and activation (InstanceNorm with affine, LeakyReLU) are our choice.
+
 Explained in notebooks/04_model.ipynb.
 """
 

@@ -2,6 +2,11 @@
 
 Also holds the ``use_ffm=False`` ablation: plain concatenation + convolution, the classic U-Net skip.
 
+Departure from the paper (book/faithfulness.md): the paper names the FFM and its role but not its layers; the design
+here is inferred, BiSeNet's feature fusion module in 3D: concat → 3×3×3 conv-InstanceNorm-LeakyReLU (F), a global
+channel gate ``a = σ(W₂ act(W₁ GAP(F)))`` with hidden width ``max(C // 4, 4)``, and ``U = F + F ⊙ a``. The authors'
+code has no FFM (it concatenates).
+
 Explained in notebooks/04_model.ipynb.
 """
 

@@ -2,6 +2,11 @@
 
 Also holds the pure 3D pixel shuffle / unshuffle and the ``use_srb=False`` ablation's plain trilinear upsampling.
 
+Departure from the paper (book/faithfulness.md): the paper does not give the SRB's layers; the design here is
+inferred (ESPCN in 3D): a depthwise 3×3×3 conv, a 1×1×1 conv to ``C_out·8`` channels (ICNR-initialised), a 3D pixel
+shuffle, InstanceNorm and LeakyReLU. ``separable=False`` uses one dense 3×3×3 conv instead, as the authors' code
+(which defines an SRB but does not use it).
+
 Explained in notebooks/04_model.ipynb.
 """
 

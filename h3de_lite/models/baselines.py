@@ -4,7 +4,7 @@ Every baseline has H3DENet's heatmap contract: ``(B, in_channels, D, H, W) → (
 regressed with the same loss. Two sizes: ``"paper"`` (the usual widths of each architecture, for 128×128×64 GPU
 training) and ``"tiny"`` (a quarter of the width, to train on CPU next to ``H3DENet.from_preset("tiny")``).
 
-Explained in notebooks/07_evaluation.ipynb.
+Explained in notebooks/04_model.ipynb.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class ScaledVNet(VNet):
         >>> ScaledVNet(in_channels=1, out_channels=14, base_channels=4)(torch.randn(1, 1, 32, 32, 16)).shape
         torch.Size([1, 14, 32, 32, 16])
 
-    Explained in notebooks/07_evaluation.ipynb.
+    Explained in notebooks/04_model.ipynb.
     """
 
     def __init__(
@@ -127,7 +127,7 @@ def build_baseline(name: str, *, num_landmarks: int = 14, in_channels: int = 1, 
         >>> build_baseline("unet3d", size="tiny")(torch.randn(1, 1, 32, 32, 16)).shape
         torch.Size([1, 14, 32, 32, 16])
 
-    Explained in notebooks/07_evaluation.ipynb.
+    Explained in notebooks/04_model.ipynb.
     """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose one of {list(BASELINES)}")

@@ -2,6 +2,16 @@
 
 Also holds :func:`count_parameters` and :func:`model_flops`, used by the model benchmark and the book.
 
+Departures from the paper (all listed in book/faithfulness.md):
+
+- stem (eq. 9 is one conv): two 3×3×3 conv-norm-act layers at full resolution;
+- E_1 (H/2) is a convolutional stage (stride-2 conv + residual conv blocks); V-BRA stages are E_2 … E_5;
+- five decoder levels (eq. 11 has four fusion levels), one per encoder resolution H/16 … H, each
+  SRB → FFM → a 3×3×3 refinement conv (the refinement conv is inferred);
+- the FFM and SRB internals are inferred (see :mod:`h3de_lite.layers.fusion`, :mod:`h3de_lite.layers.super_resolution`);
+  layer sizes are the authors' code's (:mod:`h3de_lite.config`);
+- the anchor head's layers are inferred (:mod:`h3de_lite.models.heads`); it reads D_2 (H/4).
+
 Explained in notebooks/04_model.ipynb.
 """
 
@@ -86,8 +96,9 @@ class H3DENet(nn.Module):
     :class:`TrilinearUpsample`, ``use_vbra=False`` makes every stage a conv stage.
 
     The paper gives the module sequence but not every layer size; the choices we inferred (widths mirrored in the
-    decoder, a refinement conv per level, the FFM and SRB internals) are documented on the layers and in
-    book/benchmark_models.md. Use :meth:`from_preset` for the sizes of ``h3de_lite.config``.
+    decoder, a refinement conv per level, the FFM and SRB internals) are documented on the layers; every departure
+    from the paper is listed in book/faithfulness.md, and the costs in book/benchmark_models.md. Use
+    :meth:`from_preset` for the sizes of ``h3de_lite.config``.
 
     Args:
         in_channels: image channels.

@@ -1,5 +1,9 @@
 """The anchor-based head of H3DE-Net: per-anchor landmark offsets (eq. 7) and existence logits (eq. 8).
 
+Departure from the paper (book/faithfulness.md): the head's layers are not in the paper. Here each branch is a
+3×3×3 conv → GroupNorm → GELU → 1×1×1 conv on the H/4 decoder feature; offsets are linear (the reference code squashes
+them with ``tanh``) and the existence bias starts at the prior ``p = 0.01``.
+
 Explained in notebooks/06_anchors.ipynb.
 """
 
