@@ -4,7 +4,7 @@ and precision / recall / F1 of the predicted existence of landmarks.
 Every function accepts torch tensors and NumPy arrays alike. Errors are computed in millimetres with the (possibly
 anisotropic) voxel spacing, so a 1-voxel error along a 1.25 mm slice axis counts 1.25 mm.
 
-Explained in notebooks/07_evaluation.ipynb.
+Explained in notebooks/06_anchors.ipynb (radial errors, MRE, SDR, existence F1).
 """
 
 from __future__ import annotations
