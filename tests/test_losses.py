@@ -201,3 +201,59 @@ _HEAD = {"offsets": torch.zeros(1, 4, 1, 3), "logits": torch.zeros(1, 4, 1)}
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---------------------------------------------------------------- spatial-softmax cross-entropy (alternative to eq. 13)
+def test_heatmap_softmax_ce_hand_computed():
+    from h3de_lite.losses import heatmap_softmax_ce_loss
+
+    # Channel 0: logits (0, ln 3) → softmax (1/4, 3/4); target (1, 1) → q = (1/2, 1/2).
+    # CE = -(1/2 · ln 1/4 + 1/2 · ln 3/4) = (ln 4 + ln 4/3) / 2.
+    # Channel 1: logits (0, 0) → (1/2, 1/2); target (0, 0.2) → q = (0, 1); CE = ln 2.
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]]).reshape(1, 2, 1, 1, 2)
+    target = torch.tensor([[[1.0, 1.0], [0.0, 0.2]]]).reshape(1, 2, 1, 1, 2)
+    ce0 = (math.log(4.0) + math.log(4.0 / 3.0)) / 2
+    ce1 = math.log(2.0)
+    assert heatmap_softmax_ce_loss(logits, target).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+    assert heatmap_softmax_ce_loss(logits, target, present=torch.tensor([[True, False]])).item() == pytest.approx(
+        ce0, rel=1e-6
+    )
+    # A missing landmark (all-zero target) never counts, with or without a mask.
+    target[0, 1] = 0.0
+    assert heatmap_softmax_ce_loss(logits, target).item() == pytest.approx(ce0, rel=1e-6)
+    # No channel counted: zero, still attached to the graph.
+    z = logits.clone().requires_grad_()
+    out = heatmap_softmax_ce_loss(z, target, present=torch.tensor([[False, False]]))
+    out.backward()
+    assert out.item() == 0.0 and torch.all(z.grad == 0)
+
+
+def test_heatmap_softmax_ce_minimum_is_target_entropy():
+    from h3de_lite.losses import heatmap_softmax_ce_loss
+
+    # At logits = log q the cross-entropy equals the entropy of q, its minimum; the gradient vanishes there.
+    target = gaussian_heatmaps(torch.tensor([[[3.3, 4.0, 2.0]]]), (8, 8, 6), sigma=1.5, dtype=torch.float64)
+    q = target / target.sum()
+    entropy = -(q * q.log()).sum().item()
+    logits = (q.log() + 7.0).float().requires_grad_()  # any constant shift gives the same softmax
+    loss = heatmap_softmax_ce_loss(logits, target)
+    loss.backward()
+    assert loss.item() == pytest.approx(entropy, rel=1e-5)
+    assert logits.grad.abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"logits": torch.zeros(1, 2, 2, 2, 2), "target": torch.zeros(1, 3, 2, 2, 2)}, "differs"),
+        ({"logits": torch.zeros(1, 2, 2, 2), "target": torch.zeros(1, 2, 2, 2)}, r"\(B, L, D, H, W\)"),
+        ({"logits": HM, "target": -torch.ones_like(HM)}, "non-negative"),
+        ({"logits": HM, "target": HM, "present": torch.ones(2, dtype=torch.bool)}, "present must have shape"),
+        ({"logits": HM, "target": HM, "present": torch.ones(1, 2, dtype=torch.bool)}, "all zero"),
+    ],
+)
+def test_heatmap_softmax_ce_bad_input(kwargs, match):
+    from h3de_lite.losses import heatmap_softmax_ce_loss
+
+    with pytest.raises(ValueError, match=match):
+        heatmap_softmax_ce_loss(**kwargs)

@@ -1,0 +1,36 @@
+"""Training: :class:`TrainConfig`, the :func:`fit` engine (losses eq. 13–17, whole-volume validation, resumable
+checkpoints, ``torchrun`` scale-out) and the run-folder helpers.
+
+Typical use::
+
+    model = build_model_from_config({"kind": "h3de", "preset": "tiny"})
+    history = fit(model, train_ds, val_ds, TrainConfig(epochs=50), run_dir="runs/tiny",
+                  model_config={"kind": "h3de", "preset": "tiny"})
+    model, checkpoint = load_trained_model("runs/tiny", which="best")
+"""
+
+from h3de_lite.training.checkpoint import (
+    CHECKPOINT_KEYS,
+    RUN_FILES,
+    build_model_from_config,
+    load_checkpoint,
+    load_trained_model,
+)
+from h3de_lite.training.config import RESUMABLE_CHANGES, TrainConfig
+from h3de_lite.training.engine import INTENSITY_SCALE, fit, lr_factor, model_input, training_losses, validate
+
+__all__ = [
+    "CHECKPOINT_KEYS",
+    "INTENSITY_SCALE",
+    "RESUMABLE_CHANGES",
+    "RUN_FILES",
+    "TrainConfig",
+    "build_model_from_config",
+    "fit",
+    "load_checkpoint",
+    "load_trained_model",
+    "lr_factor",
+    "model_input",
+    "training_losses",
+    "validate",
+]
