@@ -89,12 +89,47 @@ def test_whole_volume_and_centre_crop(root: Path) -> None:
 def test_random_crops_reproducible_and_varying(root: Path) -> None:
     a = LandmarkDataset(root, "train", crop_size=CROP, seed=7)
     b = LandmarkDataset(root, "train", crop_size=CROP, seed=7)
-    first = [a[0]["origin"].tolist() for _ in range(8)]
-    assert first == [b[0]["origin"].tolist() for _ in range(8)]
+    first = []
+    for epoch in range(8):
+        a.set_epoch(epoch)
+        first.append(a[0]["origin"].tolist())
+        assert a[0]["origin"].tolist() == first[-1]  # the same (seed, epoch, index): the same crop, however often
+    for epoch in reversed(range(8)):  # any order, any process: only (seed, epoch, index) matters
+        b.set_epoch(epoch)
+        assert b[0]["origin"].tolist() == first[epoch]
     assert len({tuple(o) for o in first}) > 1  # a new crop every epoch
     for origin in first:  # all landmarks stay in view
         assert np.all(np.array(origin) >= 0)
     assert all(a[i]["present"].sum() == b[i]["present"].sum() for i in range(3))
+    with pytest.raises(ValueError, match="epoch must be an int"):
+        a.set_epoch(-1)
+
+
+def test_augmentation_is_training_only_and_seeded(root: Path) -> None:
+    from h3de_lite.data.augment import IntensityJitter, RandomFlipLR
+
+    ds = LandmarkDataset(root, "train", crop_size=CROP, seed=3, augment=RandomFlipLR(p=1.0))
+    plain = LandmarkDataset(root, "train", crop_size=CROP, seed=3)
+    flipped, item = ds[0], plain[0]
+    assert not torch.equal(flipped["image"], item["image"])
+    jitter = LandmarkDataset(root, "train", crop_size=CROP, seed=3, intensity_augment=IntensityJitter())
+    assert torch.equal(jitter[1]["image"], jitter[1]["image"])  # seeded by (seed, epoch, index)
+    assert torch.equal(jitter[1]["landmarks"].isnan(), plain[1]["landmarks"].isnan())
+    for kwargs in ({"augment": RandomFlipLR()}, {"intensity_augment": IntensityJitter()}, {"p_background": 0.5}):
+        with pytest.raises(ValueError, match="training items"):
+            LandmarkDataset(root, "test", **kwargs)
+
+
+def test_background_crops_hold_no_landmark(tmp_path: Path) -> None:
+    volume = np.zeros((40, 40, 20), dtype=np.int16)
+    landmarks = np.full((14, 3), np.nan)
+    landmarks[:3] = [[5.0, 5.0, 5.0], [6.0, 6.0, 4.0], [7.0, 5.0, 6.0]]  # one corner: windows elsewhere are empty
+    write_mml_case(tmp_path / "train", Case(volume=volume, landmarks=landmarks, spacing=SPACING, case_id="0001"))
+    ds = LandmarkDataset(tmp_path, "train", crop_size=CROP, p_background=1.0)
+    for epoch in range(5):
+        ds.set_epoch(epoch)
+        assert not ds[0]["present"].any()
+    assert LandmarkDataset(tmp_path, "train", crop_size=CROP)[0]["present"].sum() == 3
 
 
 def test_target_spacing_and_window_none(root: Path) -> None:

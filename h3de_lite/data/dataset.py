@@ -11,16 +11,17 @@ Explained in notebooks/02_data.ipynb.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
+from h3de_lite.data.augment import RandomCrop
+from h3de_lite.data.case import Case
 from h3de_lite.data.mml import list_mml_cases, read_mml_case, read_mml_landmarks
 from h3de_lite.data.transforms import (
     DEFAULT_WINDOW,
-    choose_crop_start,
     crop,
     normalize_intensity,
     resample,
@@ -30,6 +31,7 @@ from h3de_lite.data.transforms import (
 __all__ = ["LandmarkDataset", "TRAIN_CROP_SIZE"]
 
 Subset = Literal["all", "complete", "incomplete"]
+Augmentation = Callable[[Case, np.random.Generator], Case]
 
 TRAIN_CROP_SIZE: tuple[int, int, int] = (128, 128, 64)
 """Training crop size of the paper (§III-A), the ``crop_size`` that ``"auto"`` gives the ``"train"`` split."""
@@ -58,9 +60,9 @@ class LandmarkDataset(Dataset):
     The ``subset`` filter reads only the label files and uses presence in the *uncropped* case: ``"complete"`` keeps
     cases with all landmarks (the paper's complete subset), ``"incomplete"`` those missing at least one.
 
-    Random crops draw from a generator seeded by ``(seed, index, call count)`` and, inside a ``DataLoader`` worker, the
-    worker's seed, so runs are reproducible for a fixed ``seed`` (and ``torch.manual_seed``) and crops differ between
-    epochs and workers.
+    Random crops and augmentations draw from a generator seeded by ``(seed, epoch, index)`` alone: the same sample
+    comes back in any process, worker or resumed run, and samples differ between epochs once the training loop calls
+    :meth:`set_epoch` (:func:`h3de_lite.training.fit` does).
 
     Args:
         root: dataset folder holding the split folders.
@@ -74,7 +76,14 @@ class LandmarkDataset(Dataset):
         target_spacing: resample every case to this voxel size in mm first (``(3,)`` or a number); ``None`` keeps it.
         window: HU window mapped to [0, 255] (:data:`DEFAULT_WINDOW`); ``None`` leaves intensities as stored (for
             data already scaled to [0, 255]).
-        seed: base seed of the random crops.
+        seed: base seed of the random crops and augmentations.
+        augment: training augmentation of the whole (resampled) volume before the crop, e.g.
+            ``Compose([RandomFlipLR(), RandomRotateScale()])`` (:mod:`h3de_lite.data.augment`); it keeps the grid, so
+            the crop then sees where the landmarks went. Only with random crops (training items).
+        intensity_augment: applied to the crop in HU, before the window, e.g. ``IntensityJitter()``; training only.
+        p_partial: probability that a random crop holds only part of the landmarks (:class:`RandomCrop`).
+        p_background: probability that a random crop holds none of them, so that sliding-window inference has seen
+            windows without a landmark (:class:`RandomCrop`).
 
     Shape:
         Each item is a dict:
@@ -107,6 +116,10 @@ class LandmarkDataset(Dataset):
         target_spacing: Sequence[float] | float | None = None,
         window: Sequence[float] | None = DEFAULT_WINDOW,
         seed: int = 0,
+        augment: Augmentation | None = None,
+        intensity_augment: Augmentation | None = None,
+        p_partial: float = 0.0,
+        p_background: float = 0.0,
     ) -> None:
         if subset not in ("all", "complete", "incomplete"):
             raise ValueError(f"subset must be 'all', 'complete' or 'incomplete', got {subset!r}")
@@ -141,7 +154,17 @@ class LandmarkDataset(Dataset):
         self.target_spacing = target_spacing
         self.window = window
         self.seed = int(seed)
-        self._calls = 0
+        self.epoch = 0
+        if (augment is not None or intensity_augment is not None or p_partial or p_background) and not random_crop:
+            raise ValueError(
+                "augment, intensity_augment, p_partial and p_background are for training items: pass "
+                "crop_size=(D, H, W) and random_crop=True (the default for split='train'), or drop them"
+            )
+        self.augment = augment
+        self.intensity_augment = intensity_augment
+        self._crop = (
+            RandomCrop(size=crop_size, p_partial=p_partial, p_background=p_background) if random_crop else None
+        )
 
         all_ids = list_mml_cases(self.root, split)
         if not all_ids:
@@ -165,11 +188,14 @@ class LandmarkDataset(Dataset):
         return (f"LandmarkDataset(root={str(self.root)!r}, split={self.split!r}, subset={self.subset!r}, "
                 f"cases={len(self)}, crop_size={self.crop_size}, random_crop={self.random_crop})")  # fmt: skip
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the random crops and augmentations of the coming epoch those of ``epoch`` (seeded by it)."""
+        if not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = int(epoch)
+
     def _rng(self, index: int) -> np.random.Generator:
-        worker = get_worker_info()
-        entropy = [self.seed, index, self._calls] + ([worker.seed % 2**63] if worker is not None else [])
-        self._calls += 1
-        return np.random.default_rng(entropy)
+        return np.random.default_rng([self.seed, self.epoch, index])
 
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
@@ -182,9 +208,15 @@ class LandmarkDataset(Dataset):
         origin = np.zeros(3, dtype=np.int64)
         landmarks = case.landmarks  # whole volume: every landmark of the file
         if self.crop_size is not None and self.random_crop:
-            # training: the ground truth places the crop; landmarks it cuts off become NaN (absent)
-            origin = choose_crop_start(case.volume.shape, case.landmarks, self.crop_size, rng=self._rng(index))
+            # training: augment the whole volume, then let the ground truth place the crop; landmarks it cuts off
+            # become NaN (absent); intensity jitter in HU on the crop, before the window
+            rng = self._rng(index)
+            if self.augment is not None:
+                case = self.augment(case, rng)
+            origin = self._crop.choose_start(case.volume.shape, case.landmarks, rng)
             case = crop(case, origin, self.crop_size)
+            if self.intensity_augment is not None:
+                case = self.intensity_augment(case, rng)
             landmarks = case.landmarks
         elif self.crop_size is not None:
             # evaluation: centred on the volume without looking at the ground truth; every landmark is kept, in crop
