@@ -2,7 +2,13 @@
 
 ``h3de-lite phantom --out DIR --seed 0 --n-train 4 --n-val 1 --n-test 2`` writes a phantom dataset in the MML release
 layout (see :func:`h3de_lite.data.phantom.write_phantom_dataset`). It refuses an ``--out`` that already holds a dataset
-unless ``--overwrite`` is given. User errors print one line ``h3de-lite <command>: error: ...`` and exit with code 2.
+unless ``--overwrite`` is given.
+
+``h3de-lite train --data DIR --out RUN_DIR --preset tiny`` trains H3DE-Net (or a baseline, ``--model``) on such a
+dataset through :func:`h3de_lite.training.fit`; under ``torchrun --nproc_per_node N -m h3de_lite.cli train ...`` the
+same command trains with DistributedDataParallel. ``h3de-lite train --help`` explains every option.
+
+User errors print one line ``h3de-lite <command>: error: ...`` and exit with code 2.
 """
 
 from __future__ import annotations
@@ -29,6 +35,74 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser(
+        "train",
+        help="train H3DE-Net or a baseline on an MML-layout dataset",
+        description="Train on DIR/train, validate on whole volumes of DIR/val, write RUN_DIR/{config.json, "
+        "history.json, last.pt, best.pt}. Under `torchrun --nproc_per_node N -m h3de_lite.cli train ...` the same "
+        "command trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU); only rank 0 writes.",
+    )
+    add = train.add_argument
+    add("--data", type=Path, required=True, help="dataset folder with train/ and val/ (MML layout: h3de-lite phantom)")
+    add("--out", type=Path, required=True, help="run folder (created); refused if it holds another run")
+    add("--preset", default="tiny", help="H3DE-Net preset: tiny (CPU), paper (128x128x64 GPU), paper-complete, ...")
+    add("--model", default="h3de", choices=["h3de", "unet3d", "vnet", "resunet3d"],
+        help="h3de (H3DE-Net) or a MONAI baseline trained by the same engine")  # fmt: skip
+    add("--head", default=None, choices=["heatmap", "anchor"],
+        help="H3DE-Net head: heatmap (anchor-free, eq. 12) or anchor (eq. 5-8, for missing landmarks); default: "
+             "the preset's")  # fmt: skip
+    add("--anchors", default=None, choices=["single", "multi"],
+        help="anchor configuration of --head anchor: single (n_a=1, r=0.5u) or multi (n_a=3, r up to 1u)")  # fmt: skip
+    add("--epochs", type=_positive_int, default=None, help="epochs (default: TrainConfig's, 200)")
+    add("--batch-size", type=_positive_int, default=None, help="crops per optimizer step and process (default 4)")
+    add("--lr", type=_positive_float, default=None, help="learning rate (default 1e-3, Adam)")
+    add("--optimizer", default=None, choices=["adam", "adamw"], help="adam (the paper) or adamw")
+    add("--loss", default=None, choices=["mse", "softmax_ce"],
+        help="heatmap loss: mse (the paper's eq. 13, default) or softmax_ce (spatial-softmax cross-entropy on the "
+             "same targets: converges much faster on CPU; not the paper's)")  # fmt: skip
+    add("--sigma", type=_positive_float, default=None, help="Gaussian target sigma in voxels (eq. 1, default 2)")
+    add("--crop", type=_positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
+        help="training crop in voxels (default: the preset's input size; multiples of 32)")  # fmt: skip
+    add("--spacing", type=_positive_float, default=None,
+        help="resample every case to this isotropic voxel size in mm first (e.g. 1.5 for CPU runs)")  # fmt: skip
+    add("--subset", default="all", choices=["all", "complete", "incomplete"],
+        help="training cases: all, complete (every landmark present) or incomplete (some missing)")  # fmt: skip
+    add("--augment", action="store_true",
+        help="left-right flips (swapping L/R names), rotations up to 10 deg, scaling 0.9-1.1 and intensity jitter")  # fmt: skip
+    add("--p-background", type=_fraction, default=0.1,
+        help="share of training crops that hold no landmark, so sliding windows learn the background (0.1)")  # fmt: skip
+    add("--p-partial", type=_fraction, default=0.1, help="share of training crops that hold only some landmarks (0.1)")
+    add("--val-roi", type=_positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
+        help="sliding-window size of whole-volume validation (default: the training crop)")  # fmt: skip
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (auto: cuda, mps, then cpu)")
+    add("--amp", action="store_true", help="mixed precision on CUDA: bfloat16 where supported, else float16 + scaler")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--seed", type=int, default=0, help="seed of weights, data order, crops and augmentation")
+    add("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes")
+    add("--checkpoint-every", type=_non_negative_int, default=0,
+        help="also write last.pt every N optimizer steps (0: at epoch ends only)")  # fmt: skip
+    add("--patience", type=_non_negative_int, default=None,
+        help="stop after N validations without a lower validation MRE (0: never; default 20)")  # fmt: skip
+    add("--resume", action="store_true", help="continue the run in --out from its last.pt (bit for bit)")
+    add("--overwrite", action="store_true", help="delete the run in --out and start over")
+    add("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one sub-command per task."""
     parser = argparse.ArgumentParser(prog="h3de-lite", description=__doc__.split("\n\n")[0])
@@ -53,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out that holds a dataset is refused",
     )
     phantom.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_train_parser(sub)
     return parser
 
 
@@ -74,11 +149,85 @@ def _phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from h3de_lite.config import get_preset
+    from h3de_lite.data.augment import Compose, IntensityJitter, RandomFlipLR, RandomRotateScale
+    from h3de_lite.data.dataset import LandmarkDataset
+    from h3de_lite.training import TrainConfig, build_model_from_config, fit
+
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass only one")
+    if not args.data.is_dir():
+        raise FileNotFoundError(
+            f"dataset folder {str(args.data)!r} does not exist; write one with `h3de-lite phantom --out "
+            f"{args.data}` or point --data at an MML-layout folder with train/ and val/"
+        )
+    preset = get_preset(args.preset)
+    if args.model == "h3de":
+        overrides = {key: value for key, value in (("head", args.head), ("anchors", args.anchors)) if value}
+        spec: dict = {"kind": "h3de", "preset": args.preset, "overrides": overrides}
+    else:
+        if args.head == "anchor":
+            raise ValueError(f"--head anchor needs --model h3de; the {args.model} baseline has a heatmap head only")
+        spec = {"kind": "baseline", "name": args.model, "size": "paper" if args.preset.startswith("paper") else "tiny"}
+    crop = tuple(args.crop) if args.crop else preset.input_size
+    if any(c % 32 for c in crop):
+        raise ValueError(f"--crop {' '.join(map(str, crop))}: each size must be a multiple of 32 (5 halvings)")
+
+    config = TrainConfig()
+    changes = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "optimizer": args.optimizer,
+        "heatmap_loss": args.loss,
+        "sigma": args.sigma,
+        "patience": None if args.patience == 0 else args.patience,
+        "val_roi_size": tuple(args.val_roi) if args.val_roi else crop,
+    }
+    changes = {key: value for key, value in changes.items() if value is not None or key == "patience"}
+    if args.patience is None:
+        del changes["patience"]
+    config = config.replace(
+        **changes,
+        seed=args.seed,
+        device=args.device,
+        amp=args.amp,
+        compile=args.compile,
+        num_workers=args.workers,
+        checkpoint_every=args.checkpoint_every,
+    )
+    augment = intensity = None
+    if args.augment:
+        augment = Compose([RandomFlipLR(), RandomRotateScale()])
+        intensity = IntensityJitter()
+    spacing = args.spacing
+    train_data = LandmarkDataset(
+        args.data, "train", subset=args.subset, crop_size=crop, random_crop=True, target_spacing=spacing,
+        seed=args.seed, augment=augment, intensity_augment=intensity, p_partial=args.p_partial,
+        p_background=args.p_background,
+    )  # fmt: skip
+    val_data = LandmarkDataset(args.data, "val", crop_size=None, random_crop=False, target_spacing=spacing)
+    model = build_model_from_config(spec)
+    if hasattr(model, "_check_input"):  # a crop the network cannot take fails here, before the run folder exists
+        import torch
+
+        model._check_input(torch.empty(1, 1, *crop, device="meta"))
+    history = fit(
+        model, train_data, val_data, config, run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
+        progress=not args.no_progress, model_config=spec,
+    )  # fmt: skip
+    mres = [e["val_mre"] for e in history["epochs"] if e.get("val_mre") is not None]
+    summary = f"validation MRE {mres[0]:.2f} -> {mres[-1]:.2f} mm" if mres else "no validation"
+    print(f"trained {len(history['epochs'])} epochs into {args.out}: {summary} (best.pt: epoch {history.get('best_epoch')})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``h3de-lite`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return {"phantom": _phantom}[args.command](args)
+        return {"phantom": _phantom, "train": _train}[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"h3de-lite {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -153,3 +153,66 @@ def test_failed_write_probe_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["phantom", "--out", str(out), "--n-train", "1", "--n-test", "0", *SMALL]) == 2
     _one_error_line(capsys.readouterr().err, "cannot write into output folder", repr(str(out)), "Permission denied",
                     "fix its permissions")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train-cli") / "data"
+    argv = ["phantom", "--out", str(out), "--n-train", "2", "--n-val", "1", "--n-test", "0"]
+    assert main([*argv, "--shape", "64", "64", "48", "--incomplete-fraction", "0", "--no-progress"]) == 0
+    return out
+
+
+def _train_argv(data: Path, run: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(run), "--crop", "64", "32", "32", "--epochs", "1",
+            "--batch-size", "2", "--loss", "softmax_ce", "--no-progress", *extra]  # fmt: skip
+
+
+def test_train_command_writes_a_run_and_refuses_to_mix_runs(
+    small_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    run = tmp_path / "run"
+    assert main(_train_argv(small_dataset, run)) == 0
+    assert "trained 1 epochs" in capsys.readouterr().out
+    assert {p.name for p in run.iterdir()} == {"config.json", "history.json", "last.pt", "best.pt"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == {"kind": "h3de", "preset": "tiny", "overrides": {}}
+    assert config["train"]["heatmap_loss"] == "softmax_ce" and config["train"]["val_roi_size"] == [64, 32, 32]
+    history = json.loads((run / "history.json").read_text())
+    assert len(history["epochs"]) == 1 and history["epochs"][0]["val_mre"] > 0
+
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    assert main(_train_argv(small_dataset, run)) == 2  # another run in the same folder
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(run) in err[0] and "--resume" in err[0] and "--overwrite" in err[0]
+    assert before == {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("argv_of", "match"),
+    [
+        (lambda d, t: _train_argv(t / "nowhere", t / "run"), "does not exist"),
+        (lambda d, t: _train_argv(d, t / "run", "--crop", "32", "32", "40"), "multiple of 32"),
+        (lambda d, t: _train_argv(d, t / "run", "--crop", "32", "32", "32"), "more than one voxel"),
+        (lambda d, t: _train_argv(d, t / "run", "--model", "vnet", "--head", "anchor"), "needs --model h3de"),
+        (lambda d, t: _train_argv(d, t / "run", "--resume", "--overwrite"), "only one"),
+        (lambda d, t: _train_argv(d, t / "run", "--subset", "incomplete"), "empty"),
+    ],
+)
+def test_train_command_user_errors_exit_2(small_dataset, tmp_path, capsys, argv_of, match) -> None:
+    assert main(argv_of(small_dataset, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("h3de-lite train: error:") and match in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit, match="0"):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--data", "--out", "--preset", "--model", "--head", "--anchors", "--epochs", "--batch-size", "--lr",
+                   "--crop", "--spacing", "--subset", "--device", "--amp", "--compile", "--seed", "--workers",
+                   "--resume", "--checkpoint-every", "--overwrite", "--loss", "--augment"):  # fmt: skip
+        assert option in text, option

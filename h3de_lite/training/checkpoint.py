@@ -161,8 +161,9 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool, clean
             )
     elif existing and not overwrite:
         raise ValueError(
-            f"run_dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); pass resume=True to continue it, "
-            "overwrite=True to replace it, or choose another run_dir"
+            f"run_dir {str(run_dir)!r} already holds a run ({', '.join(existing)}); pass resume=True "
+            "(h3de-lite train --resume) to continue it, overwrite=True (--overwrite) to replace it, or choose another "
+            "run_dir"
         )
     elif existing and clean:
         for name in existing:
