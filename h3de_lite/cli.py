@@ -153,6 +153,7 @@ def _train(args: argparse.Namespace) -> int:
     from h3de_lite.config import get_preset
     from h3de_lite.data.augment import Compose, IntensityJitter, RandomFlipLR, RandomRotateScale
     from h3de_lite.data.dataset import LandmarkDataset
+    from h3de_lite.data.transforms import DEFAULT_WINDOW
     from h3de_lite.training import TrainConfig, build_model_from_config, fit
 
     if args.resume and args.overwrite:
@@ -216,6 +217,7 @@ def _train(args: argparse.Namespace) -> int:
     history = fit(
         model, train_data, val_data, config, run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
         progress=not args.no_progress, model_config=spec,
+        data_config={"spacing": spacing, "window": list(DEFAULT_WINDOW), "crop": list(crop), "subset": args.subset},
     )  # fmt: skip
     mres = [e["val_mre"] for e in history["epochs"] if e.get("val_mre") is not None]
     summary = f"validation MRE {mres[0]:.2f} -> {mres[-1]:.2f} mm" if mres else "no validation"

@@ -397,6 +397,7 @@ def fit(
     overwrite: bool = False,
     progress: bool = True,
     model_config: dict[str, Any] | None = None,
+    data_config: dict[str, Any] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Train a landmark model (loss eq. 16 or 17), validate on whole volumes, checkpoint, resume, scale out.
@@ -415,7 +416,8 @@ def fit(
     ``softmax_ce`` and of the anchor terms differ slightly when the ranks count different numbers of landmarks),
     the ranks share the validation volumes, and only rank 0 writes files.
 
-    Run folder ``run_dir``: ``config.json`` (``{"train": TrainConfig, "model": model_config, "world_size"}``),
+    Run folder ``run_dir``: ``config.json`` (``{"train": TrainConfig, "model": model_config, "data": data_config,
+    "world_size"}``),
     ``history.json``, ``last.pt`` and ``best.pt`` (keys :data:`~h3de_lite.training.checkpoint.CHECKPOINT_KEYS`). A
     folder that holds another run is refused unless ``resume`` or ``overwrite``. ``resume=True`` continues from
     ``last.pt``, mid-epoch included, bit for bit (see the module docstring for the dataset's part); a checkpoint
@@ -437,6 +439,8 @@ def fit(
         progress: show a progress bar (rank 0) with the loss and learning rate.
         model_config: how to rebuild the model (:func:`~h3de_lite.training.build_model_from_config`); saved in
             ``config.json`` and the checkpoints.
+        data_config: the preprocessing the model was trained with (JSON types), e.g. ``{"spacing": 1.5,
+            "window": [-1000, 3000], "crop": [64, 64, 32]}``, saved in ``config.json`` so that inference can repeat it.
         on_step: called on every rank after every optimizer step (and its checkpoint, if one is due) with the global
             step and the step's losses; raising from it stops training (the last checkpoint stays valid).
 
@@ -472,6 +476,7 @@ def fit(
             overwrite=overwrite,
             progress=progress,
             model_config=model_config,
+            data_config=data_config,
             on_step=on_step,
         )
     finally:
@@ -491,6 +496,7 @@ def _fit(
     overwrite: bool,
     progress: bool,
     model_config: dict[str, Any] | None,
+    data_config: dict[str, Any] | None,
     on_step: Callable[[int, dict[str, float]], None] | None,
 ) -> dict[str, Any]:
     if len(train_data) == 0:
@@ -517,7 +523,7 @@ def _fit(
         optimizer, lambda s: lr_factor(s, config=config, steps_per_epoch=steps_per_epoch)
     )
     scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=scaler_on)
-    run_config = {"train": config.to_dict(), "model": model_config, "world_size": info.world_size}
+    run_config = {"train": config.to_dict(), "model": model_config, "data": data_config, "world_size": info.world_size}
 
     # State that a checkpoint restores.
     epoch, epoch_step, step = 0, 0, 0
