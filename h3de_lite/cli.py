@@ -49,12 +49,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _spacing(text: str) -> str | float:
+    if text.lower() == "none":
+        return "none"
+    return _positive_float(text)
+
+
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser(
         "train",
         help="train H3DE-Net or a baseline on an MML-layout dataset",
         description="Train on DIR/train, validate on whole volumes of DIR/val, write RUN_DIR/{config.json, "
-        "history.json, last.pt, best.pt}. Under `torchrun --nproc_per_node N -m h3de_lite.cli train ...` the same "
+        "history.json, last.pt, best.pt}. Options not given take the preset's recipe (h3de_lite.training.recipes): "
+        "tiny = the CPU recipe (1.5 mm, 64x64x32 crops, softmax_ce, 40 epochs), paper = the paper's setting. Under `torchrun --nproc_per_node N -m h3de_lite.cli train ...` the same "
         "command trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU); only rank 0 writes.",
     )
     add = train.add_argument
@@ -68,25 +75,28 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
              "the preset's")  # fmt: skip
     add("--anchors", default=None, choices=["single", "multi"],
         help="anchor configuration of --head anchor: single (n_a=1, r=0.5u) or multi (n_a=3, r up to 1u)")  # fmt: skip
-    add("--epochs", type=_positive_int, default=None, help="epochs (default: TrainConfig's, 200)")
-    add("--batch-size", type=_positive_int, default=None, help="crops per optimizer step and process (default 4)")
-    add("--lr", type=_positive_float, default=None, help="learning rate (default 1e-3, Adam)")
+    add("--epochs", type=_positive_int, default=None, help="epochs (default: the recipe's; tiny 40, paper 200)")
+    add("--batch-size", type=_positive_int, default=None,
+        help="crops per optimizer step and process (default: the recipe's; tiny 2, paper 4)")  # fmt: skip
+    add("--lr", type=_positive_float, default=None, help="peak learning rate (default: tiny 2e-3, paper 1e-3)")
     add("--optimizer", default=None, choices=["adam", "adamw"], help="adam (the paper) or adamw")
     add("--loss", default=None, choices=["mse", "softmax_ce"],
-        help="heatmap loss: mse (the paper's eq. 13, default) or softmax_ce (spatial-softmax cross-entropy on the "
-             "same targets: converges much faster on CPU; not the paper's)")  # fmt: skip
+        help="heatmap loss: mse (the paper's eq. 13; the paper recipe) or softmax_ce (spatial-softmax "
+             "cross-entropy on the same targets: converges much faster on CPU, not the paper's; the tiny recipe)")  # fmt: skip
     add("--sigma", type=_positive_float, default=None, help="Gaussian target sigma in voxels (eq. 1, default 2)")
     add("--crop", type=_positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
         help="training crop in voxels (default: the preset's input size; multiples of 32)")  # fmt: skip
-    add("--spacing", type=_positive_float, default=None,
-        help="resample every case to this isotropic voxel size in mm first (e.g. 1.5 for CPU runs)")  # fmt: skip
+    add("--spacing", type=_spacing, default=None,
+        help="resample every case to this isotropic voxel size in mm first, or 'none' to keep the stored spacing "
+             "(default: the recipe's; tiny 1.5, paper none)")  # fmt: skip
     add("--subset", default="all", choices=["all", "complete", "incomplete"],
         help="training cases: all, complete (every landmark present) or incomplete (some missing)")  # fmt: skip
     add("--augment", action="store_true",
         help="left-right flips (swapping L/R names), rotations up to 10 deg, scaling 0.9-1.1 and intensity jitter")  # fmt: skip
-    add("--p-background", type=_fraction, default=0.1,
-        help="share of training crops that hold no landmark, so sliding windows learn the background (0.1)")  # fmt: skip
-    add("--p-partial", type=_fraction, default=0.1, help="share of training crops that hold only some landmarks (0.1)")
+    add("--p-background", type=_fraction, default=None,
+        help="share of training crops that hold no landmark, so sliding windows learn the background (default 0.1)")  # fmt: skip
+    add("--p-partial", type=_fraction, default=None,
+        help="share of training crops that hold only some landmarks (default 0.1)")  # fmt: skip
     add("--val-roi", type=_positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
         help="sliding-window size of whole-volume validation (default: the training crop)")  # fmt: skip
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (auto: cuda, mps, then cpu)")
@@ -150,11 +160,13 @@ def _phantom(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch
+
     from h3de_lite.config import get_preset
     from h3de_lite.data.augment import Compose, IntensityJitter, RandomFlipLR, RandomRotateScale
     from h3de_lite.data.dataset import LandmarkDataset
     from h3de_lite.data.transforms import DEFAULT_WINDOW
-    from h3de_lite.training import TrainConfig, build_model_from_config, fit
+    from h3de_lite.training import TrainConfig, build_model_from_config, fit, recipe_for
 
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass only one")
@@ -164,6 +176,7 @@ def _train(args: argparse.Namespace) -> int:
             f"{args.data}` or point --data at an MML-layout folder with train/ and val/"
         )
     preset = get_preset(args.preset)
+    recipe = recipe_for(args.preset)
     if args.model == "h3de":
         overrides = {key: value for key, value in (("head", args.head), ("anchors", args.anchors)) if value}
         spec: dict = {"kind": "h3de", "preset": args.preset, "overrides": overrides}
@@ -171,26 +184,26 @@ def _train(args: argparse.Namespace) -> int:
         if args.head == "anchor":
             raise ValueError(f"--head anchor needs --model h3de; the {args.model} baseline has a heatmap head only")
         spec = {"kind": "baseline", "name": args.model, "size": "paper" if args.preset.startswith("paper") else "tiny"}
-    crop = tuple(args.crop) if args.crop else preset.input_size
+    crop = tuple(args.crop or recipe.crop or preset.input_size)
     if any(c % 32 for c in crop):
         raise ValueError(f"--crop {' '.join(map(str, crop))}: each size must be a multiple of 32 (5 halvings)")
+    spacing = recipe.spacing if args.spacing is None else (None if args.spacing == "none" else float(args.spacing))
 
-    config = TrainConfig()
-    changes = {
+    given = {
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "optimizer": args.optimizer,
         "heatmap_loss": args.loss,
         "sigma": args.sigma,
-        "patience": None if args.patience == 0 else args.patience,
-        "val_roi_size": tuple(args.val_roi) if args.val_roi else crop,
+        "patience": None if args.patience is None else (args.patience or None),
     }
-    changes = {key: value for key, value in changes.items() if value is not None or key == "patience"}
-    if args.patience is None:
-        del changes["patience"]
-    config = config.replace(
+    changes = {**recipe.train, **{key: value for key, value in given.items() if value is not None}}
+    if args.patience == 0:
+        changes["patience"] = None
+    config = TrainConfig().replace(
         **changes,
+        val_roi_size=tuple(args.val_roi) if args.val_roi else crop,
         seed=args.seed,
         device=args.device,
         amp=args.amp,
@@ -202,22 +215,32 @@ def _train(args: argparse.Namespace) -> int:
     if args.augment:
         augment = Compose([RandomFlipLR(), RandomRotateScale()])
         intensity = IntensityJitter()
-    spacing = args.spacing
+    p_partial = recipe.p_partial if args.p_partial is None else args.p_partial
+    p_background = recipe.p_background if args.p_background is None else args.p_background
     train_data = LandmarkDataset(
         args.data, "train", subset=args.subset, crop_size=crop, random_crop=True, target_spacing=spacing,
-        seed=args.seed, augment=augment, intensity_augment=intensity, p_partial=args.p_partial,
-        p_background=args.p_background,
+        seed=args.seed, augment=augment, intensity_augment=intensity, p_partial=p_partial, p_background=p_background,
+        cache=recipe.cache,
     )  # fmt: skip
-    val_data = LandmarkDataset(args.data, "val", crop_size=None, random_crop=False, target_spacing=spacing)
+    val_data = LandmarkDataset(
+        args.data, "val", crop_size=None, random_crop=False, target_spacing=spacing, cache=recipe.cache
+    )
     model = build_model_from_config(spec)
     if hasattr(model, "_check_input"):  # a crop the network cannot take fails here, before the run folder exists
-        import torch
-
         model._check_input(torch.empty(1, 1, *crop, device="meta"))
+    if not args.no_progress:
+        print(
+            f"recipe {recipe.name}: spacing {spacing or 'as stored'} mm, crop {crop}, loss {config.heatmap_loss}, "
+            f"{config.epochs} epochs of batch {config.batch_size}, lr {config.lr:g} ({config.schedule}), "
+            f"{len(train_data)} training / {len(val_data)} validation cases",
+            file=sys.stderr,
+        )
+    data_config = {"spacing": spacing, "window": list(DEFAULT_WINDOW), "crop": list(crop), "subset": args.subset,
+                   "recipe": recipe.name, "augment": bool(args.augment), "p_partial": p_partial,
+                   "p_background": p_background}  # fmt: skip
     history = fit(
         model, train_data, val_data, config, run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.no_progress, model_config=spec,
-        data_config={"spacing": spacing, "window": list(DEFAULT_WINDOW), "crop": list(crop), "subset": args.subset},
+        progress=not args.no_progress, model_config=spec, data_config=data_config,
     )  # fmt: skip
     mres = [e["val_mre"] for e in history["epochs"] if e.get("val_mre") is not None]
     summary = f"validation MRE {mres[0]:.2f} -> {mres[-1]:.2f} mm" if mres else "no validation"

@@ -179,7 +179,8 @@ def test_train_command_writes_a_run_and_refuses_to_mix_runs(
     assert {p.name for p in run.iterdir()} == {"config.json", "history.json", "last.pt", "best.pt"}
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == {"kind": "h3de", "preset": "tiny", "overrides": {}}
-    assert config["data"] == {"spacing": None, "window": [-1000.0, 3000.0], "crop": [64, 32, 32], "subset": "all"}
+    assert config["data"]["spacing"] == 1.5 and config["data"]["crop"] == [64, 32, 32] and config["data"]["recipe"] == "tiny"
+    assert config["train"]["schedule"] == "cosine" and config["train"]["epochs"] == 1  # recipe, then the flags
     assert config["train"]["heatmap_loss"] == "softmax_ce" and config["train"]["val_roi_size"] == [64, 32, 32]
     history = json.loads((run / "history.json").read_text())
     assert len(history["epochs"]) == 1 and history["epochs"][0]["val_mre"] > 0

@@ -236,3 +236,24 @@ def test_explicit_random_crop_at_evaluation_and_crop_errors(root: Path) -> None:
         LandmarkDataset(root, "test", crop_size=None, random_crop=True)
     with pytest.raises(ValueError, match=r"crop_size .*'auto'"):
         LandmarkDataset(root, "test", crop_size="centre")  # type: ignore[arg-type]
+
+
+def test_cache_gives_the_same_items_without_rereading(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import h3de_lite.data.dataset as dataset_module
+
+    plain = LandmarkDataset(root, "train", crop_size=CROP, seed=2, target_spacing=0.8)
+    cached = LandmarkDataset(root, "train", crop_size=CROP, seed=2, target_spacing=0.8, cache=True)
+    first = [cached[i] for i in range(3)]
+    monkeypatch.setattr(dataset_module, "read_mml_case", lambda *a, **k: pytest.fail("read again"))
+    for epoch in (0, 1):
+        cached.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        for i in range(3):
+            item = cached[i]
+            if epoch == 0:
+                assert torch.equal(item["image"], first[i]["image"])
+            monkeypatch.undo()
+            expected = plain[i]
+            monkeypatch.setattr(dataset_module, "read_mml_case", lambda *a, **k: pytest.fail("read again"))
+            assert torch.equal(item["image"], expected["image"])
+            assert torch.equal(item["landmarks"].nan_to_num(-1), expected["landmarks"].nan_to_num(-1))

@@ -84,6 +84,8 @@ class LandmarkDataset(Dataset):
         p_partial: probability that a random crop holds only part of the landmarks (:class:`RandomCrop`).
         p_background: probability that a random crop holds none of them, so that sliding-window inference has seen
             windows without a landmark (:class:`RandomCrop`).
+        cache: keep each case in memory once read and resampled (the slow part of an item), so later epochs only
+            augment and crop; costs the resampled volumes' size in RAM (per DataLoader worker).
 
     Shape:
         Each item is a dict:
@@ -120,6 +122,7 @@ class LandmarkDataset(Dataset):
         intensity_augment: Augmentation | None = None,
         p_partial: float = 0.0,
         p_background: float = 0.0,
+        cache: bool = False,
     ) -> None:
         if subset not in ("all", "complete", "incomplete"):
             raise ValueError(f"subset must be 'all', 'complete' or 'incomplete', got {subset!r}")
@@ -161,6 +164,8 @@ class LandmarkDataset(Dataset):
                 "crop_size=(D, H, W) and random_crop=True (the default for split='train'), or drop them"
             )
         self.augment = augment
+        self.cache = bool(cache)
+        self._cases: dict[int, tuple[Case, np.ndarray]] = {}
         self.intensity_augment = intensity_augment
         self._crop = (
             RandomCrop(size=crop_size, p_partial=p_partial, p_background=p_background) if random_crop else None
@@ -201,10 +206,15 @@ class LandmarkDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} cases")
         index = index % len(self)
-        case = read_mml_case(self.directory, self.case_ids[index])
-        source_spacing = case.spacing.copy()
-        if self.target_spacing is not None:
-            case = resample(case, spacing=self.target_spacing, order=1)
+        if index in self._cases:
+            case, source_spacing = self._cases[index]
+        else:
+            case = read_mml_case(self.directory, self.case_ids[index])
+            source_spacing = case.spacing.copy()
+            if self.target_spacing is not None:
+                case = resample(case, spacing=self.target_spacing, order=1)
+            if self.cache:  # transforms below never modify a case in place
+                self._cases[index] = (case, source_spacing)
         origin = np.zeros(3, dtype=np.int64)
         landmarks = case.landmarks  # whole volume: every landmark of the file
         if self.crop_size is not None and self.random_crop:

@@ -17,12 +17,15 @@ from h3de_lite.training.checkpoint import (
     load_trained_model,
 )
 from h3de_lite.training.config import RESUMABLE_CHANGES, TrainConfig
+from h3de_lite.training.recipes import RECIPES, Recipe, recipe_for
 from h3de_lite.training.engine import INTENSITY_SCALE, fit, lr_factor, model_input, training_losses, validate
 
 __all__ = [
     "CHECKPOINT_KEYS",
     "INTENSITY_SCALE",
+    "RECIPES",
     "RESUMABLE_CHANGES",
+    "Recipe",
     "RUN_FILES",
     "TrainConfig",
     "build_model_from_config",
@@ -31,6 +34,7 @@ __all__ = [
     "load_trained_model",
     "lr_factor",
     "model_input",
+    "recipe_for",
     "training_losses",
     "validate",
 ]
