@@ -256,6 +256,9 @@ class VolumeOutputs:
         pad: voxels of padding before the input volume along each axis: input voxel ``x`` is ``x + pad`` in ``grid``.
         volume_shape: ``(D, H, W)`` of the input volume.
         num_windows: windows the network ran on.
+
+    The tensors were made under ``torch.inference_mode()`` (the heatmaps are a view of the blended buffer, not a
+    copy, which would double the memory of a large volume): read them freely, ``clone()`` them to modify in place.
     """
 
     heatmaps: Tensor | None
@@ -439,7 +442,7 @@ def sliding_window_outputs(
         )  # fmt: skip
     num_windows = _count_windows(padded_shape, roi, overlaps)
     crop = tuple(slice(p, p + s) for p, s in zip(pad, shape))
-    heatmaps = blended["heatmaps"][(0, slice(None), *crop)].clone() if "heatmaps" in blended else None
+    heatmaps = blended["heatmaps"][(0, slice(None), *crop)] if "heatmaps" in blended else None  # a view: no copy
     if "anchors" not in seen:
         return VolumeOutputs(heatmaps, None, None, None, pad, shape, num_windows)
 
@@ -451,7 +454,7 @@ def sliding_window_outputs(
     offsets = rearrange(blended["offsets"][0], "(n l c) d h w -> (d h w n) l c", n=n_a, c=3)  # (A, L, 3)
     grid = AnchorGrid(padded_shape, stride=ANCHOR_STRIDE, config=config)
     assert grid.num_anchors == probabilities.shape[0], (grid, probabilities.shape)
-    return VolumeOutputs(heatmaps, offsets.clone(), probabilities.clone(), grid, pad, shape, num_windows)
+    return VolumeOutputs(heatmaps, offsets, probabilities, grid, pad, shape, num_windows)
 
 
 # ---------------------------------------------------------------------------------------------------- coarse → fine

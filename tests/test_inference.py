@@ -49,6 +49,15 @@ class Echo(nn.Module):
         return x.expand(-1, self.num_landmarks, -1, -1, -1) + self.anchor
 
 
+class MultipleOf32(nn.Module):
+    """Passes its input through, refusing spatial sizes that are not multiples of 32 (as H3DENet does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(s % 32 for s in x.shape[2:]):
+            raise ValueError(f"sizes must be multiples of 32, got {tuple(x.shape)}")
+        return x
+
+
 class Blur(Echo):
     """Echo followed by a 7³ box blur with zero padding: its output near a window face depends on the window."""
 
@@ -97,7 +106,7 @@ def test_prepare_input_maps_0_255_to_0_1():
 )
 def test_any_volume_size_gives_coords_inside_the_volume(shape, strategy):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv3d(1, 3, kernel_size=3, padding=1), nn.Tanh())  # fully convolutional, any size
+    model = nn.Sequential(MultipleOf32(), nn.Conv3d(1, 3, kernel_size=3, padding=1), nn.Tanh())
     image = torch.rand(1, *shape) * 255
     coords, present, score = predict_volume(model, image, roi_size=ROI, strategy=strategy, threshold=0.0)
     assert coords.shape == (3, 3) and present.shape == score.shape == (3,)
