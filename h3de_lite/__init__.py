@@ -7,6 +7,7 @@ The most used names are re-exported here; everything else lives in its submodule
 from h3de_lite.anchors import AnchorGrid
 from h3de_lite.decoding import predict_landmarks
 from h3de_lite.heatmaps import decode, gaussian_heatmaps
+from h3de_lite.inference import predict_case, predict_volume, prepare_input
 from h3de_lite.metrics import existence_scores, radial_errors, summarize
 from h3de_lite.models import H3DENet, build_baseline
 
@@ -20,7 +21,10 @@ __all__ = [
     "decode",
     "existence_scores",
     "gaussian_heatmaps",
+    "predict_case",
     "predict_landmarks",
+    "predict_volume",
+    "prepare_input",
     "radial_errors",
     "summarize",
 ]

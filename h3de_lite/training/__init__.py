@@ -18,11 +18,10 @@ from h3de_lite.training.checkpoint import (
 )
 from h3de_lite.training.config import RESUMABLE_CHANGES, TrainConfig
 from h3de_lite.training.recipes import RECIPES, Recipe, recipe_for
-from h3de_lite.training.engine import INTENSITY_SCALE, fit, lr_factor, model_input, training_losses, validate
+from h3de_lite.training.engine import fit, lr_factor, training_losses, validate
 
 __all__ = [
     "CHECKPOINT_KEYS",
-    "INTENSITY_SCALE",
     "RECIPES",
     "RESUMABLE_CHANGES",
     "Recipe",
@@ -33,7 +32,6 @@ __all__ = [
     "load_checkpoint",
     "load_trained_model",
     "lr_factor",
-    "model_input",
     "recipe_for",
     "training_losses",
     "validate",

@@ -3,7 +3,8 @@
 :func:`fit` trains any model with H3DE-Net's output contract: a heatmap tensor ``(B, L, D, H, W)`` (the anchor-free
 H3DENet and the MONAI baselines) or the anchor head's dict ``{"heatmaps", "offsets", "logits"}``. Items come from a
 map-style dataset in :class:`~h3de_lite.data.LandmarkDataset`'s format; the engine scales images from [0, 255] to
-[0, 1] (:func:`model_input`) and builds the Gaussian targets (eq. 1) and anchor targets (eq. 5) per batch.
+[0, 1] (:func:`h3de_lite.inference.prepare_input`) and builds the Gaussian targets (eq. 1) and anchor targets
+(eq. 5) per batch.
 
 Reproducibility: the data order of epoch ``e`` is a pure function of ``(seed, e)`` (a seeded
 :class:`~torch.utils.data.DistributedSampler`, also in a single process), datasets with a ``set_epoch(e)`` method are
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from h3de_lite.anchors import ANCHOR_CONFIGS, AnchorGrid
 from h3de_lite.heatmaps import gaussian_heatmaps
+from h3de_lite.inference import predict_volume, prepare_input
 from h3de_lite.losses import anchor_based_loss, anchor_free_loss, heatmap_softmax_ce_loss
 from h3de_lite.training import distributed as D
 from h3de_lite.training.checkpoint import (
@@ -43,29 +45,12 @@ from h3de_lite.training.checkpoint import (
 )
 from h3de_lite.training.config import RESUMABLE_CHANGES, TrainConfig
 
-__all__ = ["INTENSITY_SCALE", "fit", "lr_factor", "model_input", "resolve_device", "training_losses", "validate"]
-
-#: Models see ``image * INTENSITY_SCALE``: the dataset's [0, 255] intensities (paper §III-A) mapped to [0, 1], as in
-#: notebooks/04_model.ipynb. Whole-volume inference must feed the same scale.
-INTENSITY_SCALE = 1.0 / 255.0
+__all__ = ["fit", "lr_factor", "resolve_device", "training_losses", "validate"]
 
 ANCHOR_STRIDE = 4  # the anchor head reads the H/4 decoder map (Sec. II-C-1)
 
 
 # ---------------------------------------------------------------------------------------------------- small pieces
-def model_input(image: torch.Tensor) -> torch.Tensor:
-    """The network input for dataset images: ``[0, 255]`` intensities scaled to ``[0, 1]`` (float32).
-
-    Shape:
-        ``(B, 1, D, H, W)`` → same.
-
-    Example:
-        >>> model_input(torch.full((1, 1, 2, 2, 2), 255.0)).max().item()
-        1.0
-    """
-    return image.float() * INTENSITY_SCALE
-
-
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` → CUDA if available, else MPS, else CPU; a named device must be available.
 
@@ -284,7 +269,6 @@ def _validation_errors(
     roi_size: tuple[int, int, int] | None,
 ) -> tuple[list[np.ndarray], int]:
     """Radial errors ``(L,)`` in mm of the listed items, and how many truly present landmarks had no prediction."""
-    from h3de_lite.inference import predict_volume
     from h3de_lite.metrics import radial_errors
 
     was_training = model.training
@@ -402,8 +386,8 @@ def fit(
 ) -> dict[str, Any]:
     """Train a landmark model (loss eq. 16 or 17), validate on whole volumes, checkpoint, resume, scale out.
 
-    Per optimizer step: a batch of items → images scaled to [0, 1] (:func:`model_input`) → forward (autocast with
-    ``config.amp``) → :func:`training_losses` (targets built from the batch's landmarks) → backward, optional gradient
+    Per optimizer step: a batch of items → images scaled to [0, 1] (:func:`h3de_lite.inference.prepare_input`) →
+    forward (autocast with ``config.amp``) → :func:`training_losses` (targets built from the batch's landmarks) → backward, optional gradient
     clipping, optimizer and learning-rate step. Per epoch: the mean of every loss term, validation
     (:func:`validate`: MRE and SDR@2 mm) every ``val_every`` epochs, ``history.json``, ``last.pt``; ``best.pt``
     when the validation MRE improves; early stopping after ``patience`` validations without improvement.
@@ -645,7 +629,7 @@ def _fit(
         started = time.perf_counter() - epoch_seconds
         lr = optimizer.param_groups[0]["lr"]
         for batch in loader:
-            x = model_input(batch["image"].to(device, non_blocking=True))
+            x = prepare_input(batch["image"].to(device, non_blocking=True))
             train_shape = tuple(x.shape[-3:])
             landmarks = batch["landmarks"].to(device)
             with torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_on else nullcontext():
