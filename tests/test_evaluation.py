@@ -157,6 +157,27 @@ def test_resampled_predictions_map_back_to_the_stored_voxels() -> None:
     np.testing.assert_array_equal(without, expected - [0.5, 0.5, 0.0])
 
 
+def test_anchor_head_absences_are_missed_landmarks_without_coordinates() -> None:
+    from _training_helpers import TinyAnchorNet
+
+    torch.manual_seed(1)
+    net = TinyAnchorNet(num_landmarks=L)
+    with torch.no_grad():
+        net.logits.bias.copy_(torch.linspace(-3.0, 3.0, L))  # existence probabilities from 0.05 to 0.95 by landmark
+    truth = spread_positions()
+    truth[[0, 13]] = np.nan
+    volume = np.random.default_rng(0).integers(-1000, 2000, size=(32, 32, 32)).astype(np.int16)
+    case = Case(volume=volume, landmarks=truth, spacing=[1.0, 1.0, 1.0], case_id="anchor")
+    result = evaluate(Predictor(model=net, roi_size=(32, 32, 32)), [case])  # threshold None: probability >= 0.5
+    c = result.cases[0]
+    assert 0 < c.present.sum() < L  # the head calls some landmarks absent
+    np.testing.assert_array_equal(np.isnan(c.coords).any(axis=1), ~c.present)
+    np.testing.assert_array_equal(~np.isnan(c.errors), c.present & c.true_present)
+    s = result.summary["incomplete"]
+    assert s["n_missed"] == int((~c.present & c.true_present).sum()) == s["existence"]["fn"]
+    assert s["n_errors"] == int((c.present & c.true_present).sum())
+
+
 # ---------------------------------------------------------------------------------------------------- files on disk
 def rotated_affine(spacing: np.ndarray, origin: np.ndarray) -> np.ndarray:
     angle = math.radians(20.0)
