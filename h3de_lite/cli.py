@@ -8,6 +8,12 @@ unless ``--overwrite`` is given.
 dataset through :func:`h3de_lite.training.fit`; under ``torchrun --nproc_per_node N -m h3de_lite.cli train ...`` the
 same command trains with DistributedDataParallel. ``h3de-lite train --help`` explains every option.
 
+``h3de-lite evaluate --run RUN_DIR --data DIR --split test`` scores a trained model on whole volumes (radial errors,
+MRE ± SD, SDR at 2/2.5/3/4 mm, existence precision/recall/F1 for the complete, incomplete and all subsets), prints the
+table and writes ``eval_<split>.json``, ``.csv`` (per case) and ``.md`` into the run folder or ``--out``.
+``h3de-lite predict --run RUN_DIR IMAGE... --out DIR`` writes a 3D Slicer ``.mrk.json`` and a CSV per image
+(:mod:`h3de_lite.evaluation`). Both take ``--pretrained NAME`` (:mod:`h3de_lite.pretrained`) instead of ``--run``.
+
 User errors print one line ``h3de-lite <command>: error: ...`` and exit with code 2.
 """
 
@@ -113,6 +119,58 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     add("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--run | --pretrained`` and the inference options shared by ``evaluate`` and ``predict``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, default=None, metavar="RUN_DIR",
+                        help="run folder written by `h3de-lite train --out`")  # fmt: skip
+    source.add_argument("--pretrained", default=None, metavar="NAME",
+                        help="packaged pretrained model (h3de_lite.pretrained.available())")  # fmt: skip
+    add = parser.add_argument
+    add("--which", default="best", choices=["best", "last"], help="checkpoint of --run: best (lowest validation MRE) "
+        "or last")  # fmt: skip
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (auto: cuda, mps, then cpu)")
+    add("--amp", action="store_true", help="mixed precision on CUDA")
+    add("--threshold", type=_fraction, default=None,
+        help="presence threshold in [0, 1] on the decoder score (default: heatmaps place every landmark, eq. 2; the "
+             "anchor head needs existence probability >= 0.5)")  # fmt: skip
+    add("--method", default=None, choices=["subvoxel", "argmax"], help="heatmap decoding (default: the run's)")
+    add("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="score a trained model on whole volumes (MRE, SDR, existence F1)",
+        description="Predict every volume of DIR/SPLIT whole (as in training: the run's voxel size and HU window) and "
+        "score it against its labels in the stored volume's spacing: MRE ± SD, SDR at 2/2.5/3/4 mm and existence "
+        "precision/recall/F1 for the complete, incomplete and all subsets. Prints the table and writes "
+        "eval_<split>.json (keys complete, incomplete, all), eval_<split>.csv (per case) and eval_<split>.md into the "
+        "run folder or --out. DIR/SPLIT holds MML files (<id>_volume.nrrd, <id>_label.npy, <id>_spacing.npy) or "
+        "images (<id>.nii.gz, <id>.nrrd) with landmark files (<id>.mrk.json, <id>.fcsv or <id>.csv, world mm).",
+    )
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--data", type=Path, required=True, help="dataset folder holding the split folder")
+    evaluate.add_argument("--split", default="test",
+                          help="split folder inside --data (default test; . for --data itself)")  # fmt: skip
+    evaluate.add_argument("--out", type=Path, default=None, help="folder for the results (default: the run folder)")
+    evaluate.add_argument("--paper", action="store_true",
+                          help="also print the paper's Table I numbers, in their own labelled table")  # fmt: skip
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    predict = sub.add_parser(
+        "predict",
+        help="predict landmarks of NIfTI/NRRD images and write 3D Slicer markups",
+        description="For every IMAGE (NIfTI .nii/.nii.gz or NRRD, any size and spacing) write OUT/<id>.mrk.json (a "
+        "3D Slicer point list in world mm; absent landmarks have positionStatus 'missing') and OUT/<id>.csv (name, "
+        "x, y, z in RAS mm, present, score). The coordinates are those `h3de-lite evaluate` scores.",
+    )
+    _add_model_arguments(predict)
+    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="NIfTI or NRRD images")
+    predict.add_argument("--out", type=Path, required=True, help="output folder (created)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one sub-command per task."""
     parser = argparse.ArgumentParser(prog="h3de-lite", description=__doc__.split("\n\n")[0])
@@ -138,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     phantom.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_predict_parser(sub)
     return parser
 
 
@@ -242,9 +302,77 @@ def _train(args: argparse.Namespace) -> int:
         model, train_data, val_data, config, run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
         progress=not args.no_progress, model_config=spec, data_config=data_config,
     )  # fmt: skip
+    _record_preprocessing(args.out, spacing=spacing, crop=crop)
     mres = [e["val_mre"] for e in history["epochs"] if e.get("val_mre") is not None]
     summary = f"validation MRE {mres[0]:.2f} -> {mres[-1]:.2f} mm" if mres else "no validation"
     print(f"trained {len(history['epochs'])} epochs into {args.out}: {summary} (best.pt: epoch {history.get('best_epoch')})")
+    return 0
+
+
+def _record_preprocessing(run_dir: Path, *, spacing: float | None, crop: tuple[int, ...]) -> None:
+    """Add the dataset preprocessing to the run's config.json (``"data"``), which evaluate and predict repeat.
+
+    Kept when present (a resumed run keeps the block of its first start). Under torchrun only rank 0 writes.
+    """
+    import json
+    import os
+
+    from h3de_lite.data.transforms import DEFAULT_WINDOW
+    from h3de_lite.training.checkpoint import write_json
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    path = Path(run_dir) / "config.json"
+    config = json.loads(path.read_text())
+    if "data" not in config:
+        config["data"] = {"spacing": spacing, "window": list(DEFAULT_WINDOW), "crop": list(crop)}
+        write_json(path, config)
+
+
+def _load_predictor(args: argparse.Namespace):  # -> h3de_lite.evaluation.Predictor
+    from h3de_lite import pretrained
+    from h3de_lite.evaluation import load_predictor
+
+    options = {"which": args.which, "device": args.device, "threshold": args.threshold, "method": args.method,
+               "amp": args.amp}  # fmt: skip
+    if args.run is not None:
+        return load_predictor(args.run, **options)
+    return pretrained.load(args.pretrained, **options)
+
+
+def _split_stem(split: str) -> str:
+    import re
+
+    name = split.strip("/\\")
+    return f"eval_{name}" if re.fullmatch(r"[\w-][\w.-]*", name) and name not in (".", "..") else "eval"
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from h3de_lite.evaluation import evaluate, find_cases
+
+    if args.run is None and args.out is None:
+        raise ValueError("--pretrained needs --out DIR: there is no run folder to write eval results into")
+    out = args.out if args.out is not None else args.run
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; pass a folder")
+    find_cases(args.data, args.split)  # a bad dataset fails before the model loads
+    predictor = _load_predictor(args)
+    result = evaluate(predictor, args.data, split=args.split, progress=not args.no_progress)
+    paths = result.write(out, stem=_split_stem(args.split), paper=args.paper)
+    print(result.table(paper=args.paper))
+    print(f"wrote {paths['json']}, {paths['csv'].name} and {paths['md'].name}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from h3de_lite.evaluation import predict_files
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {str(args.out)!r} is a file; pass a folder")
+    predictor = _load_predictor(args)
+    results = predict_files(predictor, args.images, args.out, progress=not args.no_progress)
+    for r in results:
+        print(f"{r.image}: {int(r.present.sum())}/{len(r.present)} landmarks -> {r.markups}, {r.table.name}")
     return 0
 
 
@@ -252,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``h3de-lite`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return {"phantom": _phantom, "train": _train}[args.command](args)
+        commands = {"phantom": _phantom, "train": _train, "evaluate": _evaluate, "predict": _predict}
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"h3de-lite {args.command}: error: {err}", file=sys.stderr)
         return 2
