@@ -302,31 +302,10 @@ def _train(args: argparse.Namespace) -> int:
         model, train_data, val_data, config, run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
         progress=not args.no_progress, model_config=spec, data_config=data_config,
     )  # fmt: skip
-    _record_preprocessing(args.out, spacing=spacing, crop=crop)
     mres = [e["val_mre"] for e in history["epochs"] if e.get("val_mre") is not None]
     summary = f"validation MRE {mres[0]:.2f} -> {mres[-1]:.2f} mm" if mres else "no validation"
     print(f"trained {len(history['epochs'])} epochs into {args.out}: {summary} (best.pt: epoch {history.get('best_epoch')})")
     return 0
-
-
-def _record_preprocessing(run_dir: Path, *, spacing: float | None, crop: tuple[int, ...]) -> None:
-    """Add the dataset preprocessing to the run's config.json (``"data"``), which evaluate and predict repeat.
-
-    Kept when present (a resumed run keeps the block of its first start). Under torchrun only rank 0 writes.
-    """
-    import json
-    import os
-
-    from h3de_lite.data.transforms import DEFAULT_WINDOW
-    from h3de_lite.training.checkpoint import write_json
-
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    path = Path(run_dir) / "config.json"
-    config = json.loads(path.read_text())
-    if "data" not in config:
-        config["data"] = {"spacing": spacing, "window": list(DEFAULT_WINDOW), "crop": list(crop)}
-        write_json(path, config)
 
 
 def _load_predictor(args: argparse.Namespace):  # -> h3de_lite.evaluation.Predictor

@@ -93,11 +93,11 @@ the paper with its citation (see the TODO above). They are only ever shown in th
 # ---------------------------------------------------------------------------------------------------- predictor
 def _decoding_network(model: nn.Module, heatmap_loss: str) -> nn.Module:
     """The module whose outputs are decoded: the model, or ``exp(logits)`` of a ``softmax_ce`` model, exactly as the
-    training engine's validation decodes it (:class:`h3de_lite.training.engine._ExpHeatmaps`, reused, not copied)."""
+    training engine's validation decodes it (:class:`h3de_lite.training.engine.ExpHeatmaps`)."""
     if heatmap_loss == "softmax_ce":
-        from h3de_lite.training.engine import _ExpHeatmaps
+        from h3de_lite.training.engine import ExpHeatmaps
 
-        return _ExpHeatmaps(model)
+        return ExpHeatmaps(model)
     return model
 
 

@@ -45,7 +45,7 @@ from h3de_lite.training.checkpoint import (
 )
 from h3de_lite.training.config import RESUMABLE_CHANGES, TrainConfig
 
-__all__ = ["fit", "lr_factor", "resolve_device", "training_losses", "validate"]
+__all__ = ["ExpHeatmaps", "fit", "lr_factor", "resolve_device", "training_losses", "validate"]
 
 ANCHOR_STRIDE = 4  # the anchor head reads the H/4 decoder map (Sec. II-C-1)
 
@@ -241,7 +241,7 @@ def training_losses(
 
 
 # ---------------------------------------------------------------------------------------------------- validation
-class _ExpHeatmaps(nn.Module):
+class ExpHeatmaps(nn.Module):
     """Decode softmax-CE logits as ``exp(logits)``: same arg-max, a log that is quadratic at the peak (exact sub-voxel
     fit), scores > 0 (no landmark dropped at threshold 0), and no per-window normalisation under sliding windows."""
 
@@ -273,7 +273,7 @@ def _validation_errors(
 
     was_training = model.training
     model.eval()
-    net = _ExpHeatmaps(model) if config.heatmap_loss == "softmax_ce" else model
+    net = ExpHeatmaps(model) if config.heatmap_loss == "softmax_ce" else model
     errors, missed = [], 0
     for index in indices:
         item = dataset[index]
