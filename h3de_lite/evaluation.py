@@ -40,11 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from h3de_lite.data.case import Case, validate_spacing
+from h3de_lite.data.case import Case
+from h3de_lite.data.images import read_image, strip_image_suffix
 from h3de_lite.data.landmarks import LANDMARK_NAMES
 from h3de_lite.data.markups import MARKUPS_SCHEMA, read_markups
 from h3de_lite.data.mml import list_mml_cases, read_mml_case
-from h3de_lite.data.nifti import NIFTI_SUFFIXES, read_nifti, spacing_from_affine, voxel_to_world, world_to_voxel
+from h3de_lite.data.nifti import voxel_to_world, world_to_voxel
 from h3de_lite.data.transforms import DEFAULT_WINDOW, normalize_intensity, resample, spacing3, to_source_voxels
 from h3de_lite.files import atomic_output
 from h3de_lite.metrics import DEFAULT_THRESHOLDS_MM, existence_scores, radial_errors, summarize
@@ -65,7 +66,6 @@ __all__ = [
     "load_labeled_case",
     "load_predictor",
     "predict_files",
-    "read_image",
     "summarize_cases",
     "write_prediction",
 ]
@@ -76,7 +76,6 @@ SUBSETS: tuple[str, str, str] = ("complete", "incomplete", "all")
 LABEL_SUFFIXES: tuple[str, ...] = (".mrk.json", ".fcsv", ".csv")
 """Landmark files looked for beside ``<id>.nii.gz`` / ``<id>.nrrd``, in this order (:func:`read_markups` formats)."""
 
-IMAGE_SUFFIXES: tuple[str, ...] = (*NIFTI_SUFFIXES, ".nrrd")
 
 # TODO(lead): fill in from Table I of Huang et al., "H3DE-Net: Efficient and Accurate 3D Landmark Detection in Medical
 # Imaging", IEEE BIBM 2025 (arXiv:2502.14221), copying the printed values exactly and nothing else. Form:
@@ -334,74 +333,6 @@ def load_predictor(
 
 
 # ---------------------------------------------------------------------------------------------------- reading cases
-def _strip_image_suffix(name: str) -> str | None:
-    for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-def read_image(path: str | Path) -> Case:
-    """A stored volume (NIfTI ``.nii``/``.nii.gz`` or NRRD), its spacing and voxel → world (RAS) affine; no labels.
-
-    NIfTI: the image affine. NRRD: the header's ``space directions``/``space origin`` (LPS or RAS), else its
-    ``spacings``; an MML volume ``<id>_volume.nrrd`` takes its spacing from ``<id>_spacing.npy`` beside it, exactly as
-    :func:`~h3de_lite.data.mml.read_mml_case` reads it (the case id drops ``_volume``).
-
-    Args:
-        path: the image file.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: unsupported name, unreadable file, not 3D, or no voxel size.
-
-    Shape:
-        output ``Case`` with volume ``(D, H, W)`` and landmarks ``(0, 3)``.
-
-    Example:
-        >>> import tempfile
-        >>> from h3de_lite.data.nifti import write_nifti
-        >>> with tempfile.TemporaryDirectory() as folder:
-        ...     write_nifti(f"{folder}/scan.nii.gz", np.zeros((8, 8, 4), np.int16), np.diag([0.5, 0.5, 1.0, 1.0]))
-        ...     read_image(f"{folder}/scan.nii.gz").volume.shape
-        (8, 8, 4)
-    """
-    path = Path(path)
-    stem = _strip_image_suffix(path.name)
-    if stem is None:
-        raise ValueError(f"{str(path)!r} is not a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) image; pass one of those")
-    if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist; check the path")
-    if path.name.endswith(NIFTI_SUFFIXES):
-        volume, affine = read_nifti(path)
-        spacing = spacing_from_affine(affine)
-        return Case(volume=volume, landmarks=np.zeros((0, 3)), spacing=spacing, case_id=stem, affine=affine, names=())
-    import nrrd
-
-    from h3de_lite.data.mml import _affine_from_header  # the one NRRD-geometry reader of the package
-
-    try:
-        volume, header = nrrd.read(str(path))
-    except Exception as exc:  # pynrrd raises NRRDError, ValueError, OSError, zlib.error...
-        raise ValueError(f"could not read NRRD image {str(path)!r}: {exc}") from exc
-    if volume.ndim != 3:
-        raise ValueError(f"NRRD image {str(path)!r} must hold one 3D volume, got shape {volume.shape}")
-    case_id = stem[: -len("_volume")] if stem.endswith("_volume") else stem
-    spacing_file = path.with_name(f"{case_id}_spacing.npy")
-    if stem.endswith("_volume") and spacing_file.is_file():
-        spacing = np.load(spacing_file, allow_pickle=False).astype(np.float64).reshape(-1)
-    elif header.get("space directions") is not None:
-        spacing = np.linalg.norm(np.asarray(header["space directions"], dtype=np.float64), axis=1)
-    elif header.get("spacings") is not None:
-        spacing = np.asarray(header["spacings"], dtype=np.float64)
-    else:
-        raise ValueError(f"NRRD image {str(path)!r} gives no voxel size (no 'space directions' or 'spacings' field)")
-    spacing = validate_spacing(spacing, what=f"voxel size of {str(path)!r}")
-    affine = _affine_from_header(header, spacing, path)
-    return Case(volume=np.ascontiguousarray(volume), landmarks=np.zeros((0, 3)), spacing=spacing, case_id=case_id,
-                affine=affine, names=())  # fmt: skip
-
-
 def load_labeled_case(
     image_path: str | Path, label_path: str | Path, *, names: Sequence[str] = LANDMARK_NAMES
 ) -> Case:
@@ -502,7 +433,7 @@ def find_cases(root: str | Path, split: str = "test") -> list[CaseFiles]:
     else:
         cases = []
         for image in files:
-            stem = _strip_image_suffix(image.name)
+            stem = strip_image_suffix(image.name)
             if stem is None:
                 continue
             labels = next((folder / f"{stem}{s}" for s in LABEL_SUFFIXES if (folder / f"{stem}{s}").is_file()), None)
@@ -970,7 +901,7 @@ def predict_files(
         raise ValueError("no images given; pass one or more NIfTI (.nii.gz) or NRRD (.nrrd) files")
     ids = []
     for path in paths:
-        stem = _strip_image_suffix(path.name)
+        stem = strip_image_suffix(path.name)
         if stem is None:
             raise ValueError(f"{str(path)!r} is not a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) image; pass one of those")
         if not path.is_file():

@@ -44,7 +44,8 @@ from torch import Tensor, nn
 
 from h3de_lite.anchors import ANCHOR_CONFIGS, AnchorGrid
 from h3de_lite.data.case import Case
-from h3de_lite.data.nifti import NIFTI_SUFFIXES, read_nifti, voxel_to_world
+from h3de_lite.data.images import read_image
+from h3de_lite.data.nifti import voxel_to_world
 from h3de_lite.data.transforms import DEFAULT_WINDOW, normalize_intensity
 from h3de_lite.decoding import predict_landmarks
 
@@ -671,36 +672,6 @@ class CasePrediction:
     case_id: str | list[str] | None
 
 
-def _read_volume(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """A NIfTI image or an MML ``<id>_volume.nrrd`` (volume only, no label file needed): volume, affine, case id."""
-    name = path.name
-    if name.endswith(NIFTI_SUFFIXES):
-        volume, affine = read_nifti(path)
-        return volume, affine, name.removesuffix(".gz").removesuffix(".nii")
-    if name.endswith(".nrrd"):
-        import nrrd
-
-        from h3de_lite.data.mml import _affine_from_header
-
-        if not path.is_file():
-            raise FileNotFoundError(f"volume file {str(path)!r} does not exist; check the path")
-        try:
-            volume, header = nrrd.read(str(path))
-        except Exception as exc:  # pynrrd raises NRRDError, ValueError, OSError, zlib.error...
-            raise ValueError(f"could not read volume file {str(path)!r}: {exc}") from exc
-        if volume.ndim != 3:
-            raise ValueError(f"volume file {str(path)!r} must hold a 3D volume, got shape {volume.shape}")
-        case_id = name.removesuffix(".nrrd").removesuffix("_volume")
-        spacing_file = path.with_name(f"{case_id}_spacing.npy")
-        if spacing_file.is_file():
-            spacing = np.load(spacing_file, allow_pickle=False).astype(np.float64).reshape(-1)
-        else:
-            directions = header.get("space directions")
-            spacing = np.ones(3) if directions is None else np.linalg.norm(np.asarray(directions, float), axis=1)
-        return np.ascontiguousarray(volume), _affine_from_header(header, spacing, path), case_id
-    raise ValueError(f"{str(path)!r} is neither a NIfTI image (.nii, .nii.gz) nor an MML volume (.nrrd)")
-
-
 def predict_case(
     model: nn.Module,
     case_or_path: Case | str | Path | Mapping[str, Any],
@@ -753,10 +724,10 @@ def predict_case(
         if not batched:
             coords, present, score = coords[0], present[0], score[0]
     else:
+        if isinstance(case_or_path, (str, Path)):
+            case_or_path = read_image(case_or_path)  # the image alone: a label file is never opened
         if isinstance(case_or_path, Case):
             volume, case_affine, case_id = case_or_path.volume, case_or_path.affine, case_or_path.case_id
-        elif isinstance(case_or_path, (str, Path)):
-            volume, case_affine, case_id = _read_volume(Path(case_or_path))
         else:
             raise ValueError(
                 f"case_or_path must be a Case, a NIfTI/NRRD path or a LandmarkDataset sample, "

@@ -19,6 +19,7 @@ from h3de_lite.data.augment import (
 )
 from h3de_lite.data.case import Case, validate_spacing
 from h3de_lite.data.dataset import LandmarkDataset
+from h3de_lite.data.images import read_image
 from h3de_lite.data.landmarks import LANDMARK_NAMES, NUM_LANDMARKS, describe
 from h3de_lite.data.markups import read_markups, write_markups
 from h3de_lite.data.mml import (
@@ -68,6 +69,7 @@ __all__ = [
     "NUM_LANDMARKS",
     "describe",
     "LandmarkDataset",
+    "read_image",
     "read_markups",
     "write_markups",
     "MISSING_SENTINEL",
