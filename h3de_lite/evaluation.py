@@ -119,6 +119,8 @@ class Predictor:
         threshold: presence threshold of the decoder; ``None``: its default (heatmaps: every landmark present, eq. 2;
             anchor head: existence probability ≥ 0.5, eq. 8).
         overlap: sliding-window overlap.
+        strategy: whole-volume inference, ``"sliding"`` (Gaussian-blended windows) or ``"coarse_to_fine"``
+            (:func:`h3de_lite.inference.predict_volume`).
         amp: mixed precision on CUDA.
         names: landmark names, one per output channel.
         source: where the model came from (shown in tables).
@@ -141,6 +143,7 @@ class Predictor:
     method: str = "subvoxel"
     threshold: float | None = None
     overlap: float = 0.25
+    strategy: str = "sliding"
     amp: bool = False
     names: tuple[str, ...] = LANDMARK_NAMES
     source: str = "model"
@@ -198,6 +201,7 @@ class Predictor:
             torch.from_numpy(np.ascontiguousarray(image))[None],  # (1, D, H, W) in [0, 255]
             roi_size=self.roi_size,
             overlap=self.overlap,
+            strategy=self.strategy,
             method=self.method,
             threshold=self.threshold,
             amp=self.amp,
@@ -250,6 +254,7 @@ def load_predictor(
     method: str | None = None,
     roi_size: Sequence[int] | None = None,
     overlap: float = 0.25,
+    strategy: str = "sliding",
     amp: bool = False,
 ) -> Predictor:
     """The :class:`Predictor` of a run folder or of a packaged pretrained model, with the run's preprocessing.
@@ -273,6 +278,7 @@ def load_predictor(
         method: heatmap decoding (``None``: the run's ``val_method``).
         roi_size: sliding-window size (``None``: see above).
         overlap: sliding-window overlap.
+        strategy: ``"sliding"`` or ``"coarse_to_fine"`` whole-volume inference.
         amp: mixed precision on CUDA.
 
     Raises:
@@ -326,6 +332,7 @@ def load_predictor(
         method=method or train.get("val_method", "subvoxel"),
         threshold=threshold,
         overlap=overlap,
+        strategy=strategy,
         amp=amp and target.type == "cuda",
         names=names,
         source=f"{label} ({which}.pt)",
