@@ -155,7 +155,8 @@ def test_field_of_view_kinds_and_off_centre_jaw() -> None:
         grid, spacing, meta = _place(points, DEFAULT_SHAPE, None, np.random.default_rng(k),
                                      np.random.default_rng(1000 + k), fov=True)  # fmt: skip
         vox = grid.voxel(points)
-        assert np.all(vox * spacing >= 2.0 - 1e-6) and np.all((np.asarray(DEFAULT_SHAPE) - 1 - vox) * spacing >= 2.0 - 1e-6)
+        room = (np.asarray(DEFAULT_SHAPE) - 1 - vox) * spacing
+        assert np.all(vox * spacing >= 2.0 - 1e-6) and np.all(room >= 2.0 - 1e-6)
         fovs.append(meta["fov_mm"][0])
         offsets.append(np.linalg.norm(vox.mean(axis=0) - (np.asarray(DEFAULT_SHAPE) - 1) / 2) * spacing[0])
     assert min(fovs) < 100.0 and max(fovs) > 170.0
