@@ -12,6 +12,25 @@ second and third molars, known exactly because the anatomy is built from them:
 - molar crown (``*a``, ``*d``): on the tooth axis, 1 mm below the floor of the central fossa (inside the enamel);
 - root apex (``*b``, ``*c``, ``*e``, ``*f``): the end of the root axis, inside the dentin of the rounded root tip.
 
+Two difficulties. ``difficulty="v1"`` is the first phantom, described below and kept byte-identical (its SHA-256 is
+pinned in tests/test_phantom_v1.py). Once its pose is known, an average landmark layout lands about 1.2 mm from its
+truth, and enamel is always 300 HU brighter than anything else: too easy to say much about head CT. The default
+``"v2"`` (:data:`EFFECTS`, each switchable on its own) adds per-person anatomy after pose, third molars erupted,
+partly erupted or impacted, missing teeth as they look (healed ridges, drifted and over-erupted neighbours, retained
+roots, implants, bridges), metal (fillings, crowns, implants, brackets) with forward/back-projected streaks,
+dense-region noise, reconstruction kernels, thick slices, motion ghosts, condyles, zygoma, skull base, hyoid, tongue
+and muscles, head holders, and fields of view from a dental crop to a whole head with the jaw off-centre. v2 lives in
+:mod:`h3de_lite.data.phantom_anatomy` (arches, surroundings, pose and field of view), :mod:`h3de_lite.data.phantom_teeth`
+(tooth states, third molars, metal; its docstring has the table of which landmarks count as missing in each
+situation: a landmark is missing when its tooth structure is absent, so a retained root keeps its apex landmarks and
+loses its crown landmark, an implant or a bridge pontic has none, a filled or crowned tooth keeps all, its crown
+landmark then lying on enamel, dentin or metal) and :mod:`h3de_lite.data.phantom_render` (intensities and artefacts).
+v2 adds the tissues ``METAL``, ``MUSCLE`` and ``DEVICE`` and writes HU on the extended CT scale (up to 30710).
+``generate_phantom(..., return_meta=True)`` returns what each case holds, and :func:`write_phantom_dataset` saves it
+beside each case as ``<id>_meta.json``. Explained in book/phantom.md, with the difficulty measured.
+
+The rest of this docstring describes v1.
+
 Geometry. Every structure is defined in a canonical head frame in mm (x toward the patient's right, y anterior, z
 superior; origin on the midline in the lower occlusal plane, the lower incisors at y ≈ 33–39 mm). A random
 similarity transform (rotation up to ±15° about each axis, scale 0.9–1.1, translation up to ±10 mm) places that frame
