@@ -19,9 +19,9 @@ truth, and enamel is always 300 HU brighter than anything else: too easy to say 
 partly erupted or impacted, missing teeth as they look (healed ridges, drifted and over-erupted neighbours, retained
 roots, implants, bridges), metal (fillings, crowns, implants, brackets) with forward/back-projected streaks,
 dense-region noise, reconstruction kernels, thick slices, motion ghosts, condyles, zygoma, skull base, hyoid, tongue
-and muscles, head holders, and fields of view from a dental crop to a whole head with the jaw off-centre. v2 lives in
-:mod:`h3de_lite.data.phantom_anatomy` (arches, surroundings, pose and field of view), :mod:`h3de_lite.data.phantom_teeth`
-(tooth states, third molars, metal; its docstring has the table of which landmarks count as missing in each
+and muscles, head holders, and fields of view from a dental crop to a whole head with the jaw off-centre. v2 lives
+in :mod:`h3de_lite.data.phantom_anatomy` (arches, surroundings, pose and field of view),
+:mod:`h3de_lite.data.phantom_teeth` (tooth states, third molars, metal; its docstring has the table of which landmarks count as missing in each
 situation: a landmark is missing when its tooth structure is absent, so a retained root keeps its apex landmarks and
 loses its crown landmark, an implant or a bridge pontic has none, a filled or crowned tooth keeps all, its crown
 landmark then lying on enamel, dentin or metal) and :mod:`h3de_lite.data.phantom_render` (intensities and artefacts).
