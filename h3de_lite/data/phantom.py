@@ -22,9 +22,10 @@ dense-region noise, reconstruction kernels, thick slices, motion ghosts, condyle
 and muscles, head holders, and fields of view from a dental crop to a whole head with the jaw off-centre. v2 lives
 in :mod:`h3de_lite.data.phantom_anatomy` (arches, surroundings, pose and field of view),
 :mod:`h3de_lite.data.phantom_teeth` (tooth states, third molars, metal; its docstring has the table of which
-landmarks count as missing in each situation: a landmark is missing when its tooth structure is absent, so a retained root keeps its apex landmarks and
-loses its crown landmark, an implant or a bridge pontic has none, a filled or crowned tooth keeps all, its crown
-landmark then lying on enamel, dentin or metal) and :mod:`h3de_lite.data.phantom_render` (intensities and artefacts).
+landmarks count as missing in each situation: a landmark is missing when its tooth structure is absent, so a
+retained root keeps its apex landmarks and loses its crown landmark, an implant or a bridge pontic has none, a filled
+or crowned tooth keeps all, its crown landmark then lying on enamel, dentin or metal) and
+:mod:`h3de_lite.data.phantom_render` (intensities and artefacts).
 v2 adds the tissues ``METAL``, ``MUSCLE`` and ``DEVICE`` and writes HU on the extended CT scale (up to 30710).
 ``generate_phantom(..., return_meta=True)`` returns what each case holds, and :func:`write_phantom_dataset` saves it
 beside each case as ``<id>_meta.json``. Explained in book/phantom.md, with the difficulty measured.
