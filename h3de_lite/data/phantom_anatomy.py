@@ -647,7 +647,7 @@ def _paint_v2(grid: _Grid, anatomy: _AnatomyV2, effects: dict[str, bool]) -> tup
         _blob(labels, grid, np.array([0.0, 0.5 * anatomy.arch_depth - 12.0, -30.0]),
               (anatomy.molar_half_width + 14.0, 0.5 * anatomy.arch_depth + 24.0, 34.0), Tissue.SOFT,
               only=(int(Tissue.AIR),))  # fmt: skip
-    _paint_spine_and_airway(labels, grid, anatomy)
+    _paint_spine_and_airway(labels, cranial, anatomy)  # the neck holds the skull; the mandible swings open
     if effects["surroundings"]:
         _paint_surroundings_mandible(labels, grid, anatomy)
     _paint_maxilla(labels, cranial, anatomy)

@@ -78,7 +78,7 @@ _GAP_P = {
     "M3": (0.55, 0.2, 0.25, 0.0, 0.0),
     "M2": (0.2, 0.25, 0.2, 0.2, 0.15),
     "C": (0.15, 0.1, 0.3, 0.3, 0.15),
-    "other": (0.2, 0.3, 0.15, 0.2, 0.15),
+    "other": (0.28, 0.35, 0.15, 0.12, 0.1),
 }
 _OTHER_MISSING_P = {"M1": 0.12, "M3": 0.0}  # lower M3 only in incomplete cases; upper M3 drawn separately
 _OTHER_MISSING_DEFAULT = 0.035
