@@ -74,6 +74,44 @@ def test_impacted_third_molar_lies_below_and_across() -> None:
     assert (_mm(case, "Rd") - _mm(case, "Ra")) @ (second / np.linalg.norm(second)) < -2.0
 
 
+SITUATION_CASES = [  # (seed, incomplete, tooth, key in its metadata, value)
+    (0, True, "lower-R-M2", "state", "root"),
+    (10, True, "lower-L-M2", "state", "implant"),
+    (4, True, "lower-L-M2", "state", "pontic"),
+    (5, True, "lower-R-M2", "events", ["drift"]),
+    (9, False, "lower-L-M2", "events", ["over_eruption"]),
+    (42, False, "lower-L-M2", "restoration", "crown"),
+    (1, False, "lower-R-M3", "third_molar", "partial"),
+    (2, False, "lower-R-M3", "third_molar", "mesioangular"),
+    (11, False, "lower-L-M3", "third_molar", "vertical"),
+    (0, False, "lower-L-M3", "third_molar", "distoangular"),
+    (7, False, "lower-L-M3", "root_form", "fused"),
+    (6, False, "lower-R-M3", "root_form", "conical"),
+]
+
+
+@pytest.mark.parametrize("seed, incomplete, tooth, key, value", SITUATION_CASES)
+def test_landmarks_on_their_structure_in_every_situation(seed: int, incomplete: bool, tooth: str, key: str,
+                                                         value: object) -> None:  # fmt: skip
+    """The landmark-truth check of tests/test_phantom.py, on cases chosen for each situation: one of the 8 voxels
+    around every present landmark carries its tissue, and the tooth's landmarks are present as the MML convention
+    says (see h3de_lite.data.phantom_teeth)."""
+    case, tissue, meta = generate_phantom(seed=seed, shape=SMALL, incomplete=incomplete, return_tissue=True,
+                                          return_meta=True)  # fmt: skip
+    assert meta["teeth"][tooth][key] == value, meta["teeth"].get(tooth)
+    for name, point, present in zip(LANDMARK_NAMES, case.landmarks, case.present):
+        if present:
+            low = np.floor(point).astype(int)
+            corners = [tuple(np.clip(low + o, 0, np.asarray(SMALL) - 1)) for o in np.ndindex(2, 2, 2)]
+            around = {Tissue(int(tissue[c])) for c in corners}
+            assert around & (CROWN if name[1] in "0ad" else APEX), (name, around)
+    side, letters = tooth.split("-")[1], {"C": "0", "M2": "abc", "M3": "def"}[tooth.split("-")[2]]
+    expected = {"root": [False, True, True], "implant": [False] * 3, "pontic": [False] * 3}.get(str(value), [True] * 3)
+    assert [bool(case.present[_row(side + letter)]) for letter in letters] == expected[: len(letters)]
+    if value == "conical":  # one root, one apex: both apex landmarks on it
+        np.testing.assert_allclose(case.landmarks[_row(side + "e")], case.landmarks[_row(side + "f")])
+
+
 def test_switching_metal_off_keeps_the_case() -> None:
     """Each effect draws from its own stream: without metal the same head, pose and landmarks, and no metal."""
     case, tissue, meta = generate_phantom(seed=2, shape=SMALL, return_tissue=True, return_meta=True)
