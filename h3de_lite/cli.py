@@ -1,8 +1,9 @@
 """The ``h3de-lite`` command line.
 
 ``h3de-lite phantom --out DIR --seed 0 --n-train 4 --n-val 1 --n-test 2`` writes a phantom dataset in the MML release
-layout (see :func:`h3de_lite.data.phantom.write_phantom_dataset`). It refuses an ``--out`` that already holds a dataset
-unless ``--overwrite`` is given.
+layout, each case's metadata beside it as ``<id>_meta.json`` (see :func:`h3de_lite.data.phantom.write_phantom_dataset`;
+``--difficulty v1`` for the first, easier phantom). It refuses an ``--out`` that already holds a dataset unless
+``--overwrite`` is given.
 
 ``h3de-lite train --data DIR --out RUN_DIR --preset tiny`` trains H3DE-Net (or a baseline, ``--model``) on such a
 dataset through :func:`h3de_lite.training.fit`; under ``torchrun --nproc_per_node N -m h3de_lite.cli train ...`` the
@@ -196,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a dataset already in --out (its train/ val/ test/ case files are deleted first); without it an "
         "--out that holds a dataset is refused",
     )
+    phantom.add_argument(
+        "--difficulty",
+        choices=["v1", "v2"],
+        default="v2",
+        help="v2 (default): varied anatomy, impacted third molars, missing-tooth situations, metal and artefacts; "
+        "v1: the first, easier phantom (byte-identical to earlier releases)",
+    )
     phantom.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_train_parser(sub)
     _add_evaluate_parser(sub)
@@ -216,8 +224,9 @@ def _phantom(args: argparse.Namespace) -> int:
         shape=tuple(args.shape) if args.shape else None,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        difficulty=args.difficulty,
     )
-    print(f"wrote {len(paths)} cases to {args.out}")
+    print(f"wrote {len(paths)} cases to {args.out} (phantom {args.difficulty})")
     return 0
 
 

@@ -693,17 +693,19 @@ class IntensityJitter:
 # Anatomy checks on the phantom's tissue map
 # --------------------------------------------------------------------------------------------------------------------
 
-_CROWN_TISSUE = frozenset({Tissue.ENAMEL, Tissue.DENTIN})
+_CROWN_TISSUE = frozenset({Tissue.ENAMEL, Tissue.DENTIN, Tissue.METAL})
 _APEX_TISSUE = frozenset({Tissue.DENTIN, Tissue.CANCELLOUS, Tissue.CORTICAL})
 
 
 def landmark_tissue(name: str) -> frozenset[Tissue]:
     """The phantom tissues a landmark may lie on: a cusp tip or crown (``*0``, ``*a``, ``*d``) lies in enamel or
-    dentin; a root apex (``*b``, ``*c``, ``*e``, ``*f``) in the dentin of the root tip or the bone around it.
+    dentin, or in metal when the crown is restored (phantom v2: a filling in the central fossa or a metal crown: the
+    tooth's crown is still there, so its landmark is present and lies on the restoration); a root apex (``*b``,
+    ``*c``, ``*e``, ``*f``) in the dentin of the root tip or the bone around it.
 
     Example:
         >>> sorted(t.name for t in landmark_tissue("La"))
-        ['DENTIN', 'ENAMEL']
+        ['DENTIN', 'ENAMEL', 'METAL']
     """
     if len(name) != 2 or name[0] not in "LR" or name[1] not in "0abcdef":
         raise ValueError(f"unknown landmark {name!r}; expected one of L0, La … Lf, R0, Ra … Rf")

@@ -12,6 +12,26 @@ second and third molars, known exactly because the anatomy is built from them:
 - molar crown (``*a``, ``*d``): on the tooth axis, 1 mm below the floor of the central fossa (inside the enamel);
 - root apex (``*b``, ``*c``, ``*e``, ``*f``): the end of the root axis, inside the dentin of the rounded root tip.
 
+Two difficulties. ``difficulty="v1"`` is the first phantom, described below and kept byte-identical (its SHA-256 is
+pinned in tests/test_phantom_v1.py). Once its pose is known, an average landmark layout lands about 1.2 mm from its
+truth, and enamel is always 300 HU brighter than anything else: too easy to say much about head CT. The default
+``"v2"`` (:data:`EFFECTS`, each switchable on its own) adds per-person anatomy after pose, third molars erupted,
+partly erupted or impacted, missing teeth as they look (healed ridges, drifted and over-erupted neighbours, retained
+roots, implants, bridges), metal (fillings, crowns, implants, brackets) with forward/back-projected streaks,
+dense-region noise, reconstruction kernels, thick slices, motion ghosts, condyles, zygoma, skull base, hyoid, tongue
+and muscles, head holders, and fields of view from a dental crop to a whole head with the jaw off-centre. v2 lives
+in :mod:`h3de_lite.data.phantom_anatomy` (arches, surroundings, pose and field of view),
+:mod:`h3de_lite.data.phantom_teeth` (tooth states, third molars, metal; its docstring has the table of which
+landmarks count as missing in each situation: a landmark is missing when its tooth structure is absent, so a
+retained root keeps its apex landmarks and loses its crown landmark, an implant or a bridge pontic has none, a filled
+or crowned tooth keeps all, its crown landmark then lying on enamel, dentin or metal) and
+:mod:`h3de_lite.data.phantom_render` (intensities and artefacts).
+v2 adds the tissues ``METAL``, ``MUSCLE`` and ``DEVICE`` and writes HU on the extended CT scale (up to 30710).
+``generate_phantom(..., return_meta=True)`` returns what each case holds, and :func:`write_phantom_dataset` saves it
+beside each case as ``<id>_meta.json``. Explained in book/phantom.md, with the difficulty measured.
+
+The rest of this docstring describes v1.
+
 Geometry. Every structure is defined in a canonical head frame in mm (x toward the patient's right, y anterior, z
 superior; origin on the midline in the lower occlusal plane, the lower incisors at y ≈ 33–39 mm). A random
 similarity transform (rotation up to ±15° about each axis, scale 0.9–1.1, translation up to ±10 mm) places that frame
@@ -44,8 +64,9 @@ Explained in notebooks/02_data.ipynb.
 from __future__ import annotations
 
 import itertools
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -57,9 +78,12 @@ from scipy.spatial import cKDTree
 
 from h3de_lite.data.case import Case, validate_spacing
 from h3de_lite.data.landmarks import LANDMARK_NAMES, NUM_LANDMARKS
+from h3de_lite.files import atomic_output
 
 __all__ = [
     "DEFAULT_SHAPE",
+    "DIFFICULTIES",
+    "EFFECTS",
     "HU_RANGES",
     "INPLANE_SPACING_MM",
     "MISSING_PROBABILITY",
@@ -82,6 +106,9 @@ class Tissue(IntEnum):
     CORTICAL = 5
     DENTIN = 6
     ENAMEL = 7
+    METAL = 8  # v2 only: amalgam fillings, metal crowns and bridges, implants, orthodontic brackets and wires
+    MUSCLE = 9  # v2 only: tongue and masticatory muscles
+    DEVICE = 10  # v2 only: head holder and table
 
 
 HU_RANGES: dict[Tissue, tuple[float, float]] = {
@@ -106,6 +133,24 @@ _TEXTURE_HU: dict[Tissue, float] = {
     Tissue.DENTIN: 40.0,
     Tissue.ENAMEL: 60.0,
 }
+
+DIFFICULTIES: tuple[str, ...] = ("v1", "v2")
+"""``generate_phantom(difficulty=...)``: ``"v1"`` is the first phantom (kept byte-identical), ``"v2"`` the default."""
+EFFECTS: tuple[str, ...] = (
+    "anatomy",
+    "third_molars",
+    "missing",
+    "metal",
+    "streaks",
+    "noise",
+    "kernel",
+    "slice_thickness",
+    "motion",
+    "surroundings",
+    "holder",
+    "field_of_view",
+)
+"""The v2 effects, each switchable on its own with ``generate_phantom(effects={name: False})`` (module docstring)."""
 
 DEFAULT_SHAPE: tuple[int, int, int] = (192, 192, 128)
 """Default volume size in voxels (axis 0 left→right, axis 1 posterior→anterior, axis 2 inferior→superior)."""
@@ -919,7 +964,7 @@ def _render(labels: np.ndarray, spacing: np.ndarray, rng: np.random.Generator) -
     point-spread function so that its std after blurring equals the drawn σ), rounded to integers like real CT."""
     mean = np.zeros(len(Tissue), dtype=np.float32)
     texture = np.zeros(len(Tissue), dtype=np.float32)
-    for tissue in Tissue:
+    for tissue in HU_RANGES:  # the eight v1 tissues, in their order (v2's extra tissues never occur here)
         mean[tissue] = rng.uniform(*HU_RANGES[tissue])
         texture[tissue] = _TEXTURE_HU[tissue]
     noise_sigma = float(rng.uniform(*_NOISE_SIGMA_HU))
@@ -969,30 +1014,43 @@ def generate_phantom(
     spacing: tuple[float, float, float] | None = None,
     case_id: str = "",
     return_tissue: bool = False,
-) -> Case | tuple[Case, np.ndarray]:
+    difficulty: str = "v2",
+    effects: Mapping[str, bool] | None = None,
+    return_meta: bool = False,
+) -> Case | tuple:
     """A synthetic lower-face head CT in HU with the 14 MML landmarks known exactly (stand-in for paper §IV-A data).
 
-    The anatomy, pose, spacing, intensities and noise are drawn from ``seed`` (see the module docstring for what
-    varies and by how much); the same arguments always give the same case. The field of view is a jaw field of view
-    that cuts the skull and skin outline. With ``incomplete=True`` at least one of the lower cuspids, second or third
-    molars is absent (third molars most often, :data:`MISSING_PROBABILITY`); an absent tooth is not drawn and all
-    its landmark rows are ``NaN``. Everything else equals the complete case of the same seed.
+    The anatomy, pose, spacing, intensities and artefacts are drawn from ``seed`` (see the module docstring for what
+    varies and by how much); the same arguments always give the same case. ``difficulty="v1"`` is the first phantom,
+    byte-identical to what it always was: the jaw under a random pose, small anatomical variation, clean teeth. The
+    default ``"v2"`` adds what makes real head CT hard (per-person arches and teeth, impacted third molars, missing
+    teeth as they look, metal and its streaks, noise, kernels, thick slices, motion, surroundings, fields of view from
+    a dental crop to a whole head; :data:`EFFECTS`). With ``incomplete=True`` at least one of the lower cuspids,
+    second or third molars is missing (third molars most often, :data:`MISSING_PROBABILITY`); its landmark rows are
+    ``NaN`` following the MML convention (v2: a retained root keeps its apex landmarks, see
+    :mod:`h3de_lite.data.phantom_teeth`). In v1 everything else equals the complete case of the same seed.
 
     Args:
         seed: seed of the case (any int ≥ 0).
         shape: volume size ``(D, H, W)`` in voxels, each ≥ 16. Smaller shapes get coarser spacing (the field of view
-            stays ≥ :data:`REQUIRED_FOV_MM`); 64×64×48 gives ≈1.6–1.8 mm pixels and 1.6–2.7 mm slices.
+            stays large enough for the jaw); 64×64×48 gives ≈1.6–1.8 mm pixels (v1) or 1.2–1.8 mm (v2).
         incomplete: remove a random non-empty subset of the landmark-bearing teeth.
         spacing: voxel size in mm ``(3,)``; drawn when ``None``. A field of view too small for the jaw raises.
         case_id: stored in the returned case.
         return_tissue: also return the ``int8`` tissue-label volume (values of :class:`Tissue`).
+        difficulty: ``"v1"`` or ``"v2"`` (:data:`DIFFICULTIES`).
+        effects: v2 only: switch effects off (or on) by name, e.g. ``{"metal": False}``; the others stay on. Each
+            effect draws from its own random stream, so switching one off leaves the rest of the case as it was.
+        return_meta: also return the case's metadata (a JSON-able dict: difficulty, effects, pose, field of view,
+            third-molar classes, missing-tooth situations, metal, imaging; v1: the missing teeth).
 
     Returns:
         The :class:`~h3de_lite.data.case.Case` (``float32`` integral HU volume, ``float64`` landmarks with ``NaN``
-        rows, spacing), and the tissue labels when ``return_tissue``.
+        rows, spacing), then the tissue labels when ``return_tissue``, then the metadata when ``return_meta``.
 
     Raises:
-        ValueError: bad ``shape`` or ``spacing``, or a field of view (shape × spacing) too small to hold the jaw.
+        ValueError: bad ``seed``, ``shape``, ``spacing``, ``difficulty`` or ``effects``, or a field of view (shape ×
+            spacing) too small to hold the jaw.
 
     Shape:
         - volume and tissue ``(D, H, W)``; landmarks ``(14, 3)`` voxel coordinates (axis 0 left → right, axis 1
@@ -1005,11 +1063,52 @@ def generate_phantom(
         >>> case.volume.shape
         (64, 64, 48)
 
-    Explained in notebooks/02_data.ipynb.
+    Explained in notebooks/02_data.ipynb and book/phantom.md.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     shape = _check_shape(shape)
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {', '.join(map(repr, DIFFICULTIES))}, got {difficulty!r}")
+    if difficulty == "v1":
+        if effects is not None:
+            raise ValueError("effects switch parts of phantom v2; difficulty='v1' has none, pass effects=None")
+        case, labels, meta = _generate_v1(seed, shape, incomplete, spacing, case_id)
+    else:
+        chosen = _resolve_effects(effects)
+        spacing_arr = None
+        if spacing is not None:
+            spacing_arr = validate_spacing(np.asarray(spacing, dtype=np.float64), what="spacing")
+        from h3de_lite.data.phantom_render import _generate_v2  # v2 builds on this module's geometry
+
+        volume, landmarks, spacing_arr, labels, meta = _generate_v2(int(seed), shape, bool(incomplete), spacing_arr,
+                                                                    chosen)  # fmt: skip
+        case = Case(volume=volume, landmarks=landmarks, spacing=spacing_arr, case_id=case_id)
+    meta = {**meta, "seed": int(seed), "incomplete": bool(incomplete)}
+    out: tuple = (case,)
+    if return_tissue:
+        out += (labels,)
+    if return_meta:
+        out += (meta,)
+    return out if len(out) > 1 else case
+
+
+def _resolve_effects(effects: Mapping[str, bool] | None) -> dict[str, bool]:
+    chosen = dict.fromkeys(EFFECTS, True)
+    if effects is None:
+        return chosen
+    if not isinstance(effects, Mapping):
+        raise ValueError(f"effects must be a mapping of effect name to bool, e.g. {{'metal': False}}, got {effects!r}")
+    unknown = sorted(set(effects) - set(EFFECTS))
+    if unknown:
+        raise ValueError(f"unknown effects {unknown}; expected names from {', '.join(EFFECTS)}")
+    chosen.update({name: bool(on) for name, on in effects.items()})
+    return chosen
+
+
+def _generate_v1(seed: int, shape: tuple[int, int, int], incomplete: bool, spacing, case_id: str
+                 ) -> tuple[Case, np.ndarray, dict]:  # fmt: skip
+    """The v1 generator, unchanged: the case, its tissue labels and the (small) v1 metadata."""
     streams = np.random.SeedSequence(int(seed)).spawn(6)
     rng_spacing, rng_anatomy, rng_missing, rng_others, rng_pose, rng_render = (
         np.random.default_rng(s) for s in streams
@@ -1050,11 +1149,15 @@ def generate_phantom(
     landmarks = grid.voxel(points)
     landmarks[~present] = np.nan
     case = Case(volume=volume, landmarks=landmarks, spacing=spacing_arr, case_id=case_id)
-    return (case, labels) if return_tissue else case
+    meta = {"difficulty": "v1", "shape": list(shape), "spacing_mm": [round(float(v), 5) for v in spacing_arr],
+            "landmarks_present": {name: bool(p) for name, p in zip(LANDMARK_NAMES, case.present)},
+            "missing_landmark_teeth": sorted(missing),
+            "situations": ["absent"] if any(not t.present for t in anatomy.teeth) else []}  # fmt: skip
+    return case, labels, meta
 
 
 _SPLITS = ("train", "val", "test")
-_CASE_SUFFIXES = ("_volume.nrrd", "_label.npy", "_spacing.npy")
+_CASE_SUFFIXES = ("_volume.nrrd", "_label.npy", "_spacing.npy", "_meta.json")
 
 
 def _prepare_output(out: Path, *, overwrite: bool) -> None:
@@ -1120,8 +1223,10 @@ def write_phantom_dataset(
     shape: tuple[int, int, int] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    difficulty: str = "v2",
 ) -> list[Path]:
-    """Write a phantom dataset in the MML release layout: ``out/{train,val,test}/<id>_volume.nrrd`` + label + spacing.
+    """Write a phantom dataset in the MML release layout: ``out/{train,val,test}/<id>_volume.nrrd`` + label + spacing,
+    and the case's metadata beside it as ``<id>_meta.json`` (readers of the MML layout ignore it).
 
     Case ids run ``"0000", "0001", …`` across the splits (train first), so they are unique. Each case's seed is
     derived from ``seed`` (``numpy.random.SeedSequence(seed).spawn``); in each split ``round(incomplete_fraction ×
@@ -1137,20 +1242,23 @@ def write_phantom_dataset(
         shape: volume size; :data:`DEFAULT_SHAPE` when ``None``.
         progress: show a tqdm progress bar.
         overwrite: replace a dataset already in ``out``: the case files (``<id>_volume.nrrd``, ``_label.npy``,
-            ``_spacing.npy``) of every split folder (``train``, ``val``, ``test``, also those given 0 cases) are deleted
+            ``_spacing.npy``, ``_meta.json``) of every split folder (``train``, ``val``, ``test``, also those given 0
+            cases) are deleted
             before the new cases are written, so no old case stays beside the new ones and no id is in two splits.
             Other files in the split folders are left alone.
+        difficulty: ``"v1"`` or ``"v2"`` phantom (:func:`generate_phantom`).
 
     Returns:
         The written volume paths, in id order.
 
     Raises:
-        ValueError: negative or non-integer counts, no case at all, a fraction outside [0, 1], or a bad shape; ``out``
+        ValueError: negative or non-integer counts, no case at all, a fraction outside [0, 1], a bad shape or
+            difficulty; ``out``
             (or a folder above it, or a split folder) is a file; ``out`` cannot be written; a split folder of ``out``
             already holds files and ``overwrite`` is False. All of these are checked before any case is generated.
 
     Shape:
-        - each written case: volume ``shape``; label ``(14, 3)``; spacing ``(3,)``.
+        - each written case: volume ``shape``; label ``(14, 3)``; spacing ``(3,)``; metadata JSON.
 
     Example:
         >>> paths = write_phantom_dataset("data/phantom", n_train=4, n_val=1, n_test=2)  # doctest: +SKIP
@@ -1176,9 +1284,33 @@ def write_phantom_dataset(
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"incomplete_fraction must be in [0, 1], got {incomplete_fraction!r}")
     shape = DEFAULT_SHAPE if shape is None else _check_shape(shape)
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {', '.join(map(repr, DIFFICULTIES))}, got {difficulty!r}")
     out = Path(out)
     _prepare_output(out, overwrite=bool(overwrite))
 
+    iterator = _dataset_jobs(int(seed), counts, fraction)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="phantom cases", unit="case")
+    paths = []
+    for split, case_id, case_seed, incomplete in iterator:
+        case, meta = generate_phantom(seed=case_seed, shape=shape, incomplete=incomplete, case_id=case_id,
+                                      difficulty=difficulty, return_meta=True)  # fmt: skip
+        directory = out / split
+        directory.mkdir(parents=True, exist_ok=True)
+        write_mml_case(directory, case)
+        with atomic_output(directory / f"{case_id}_meta.json") as tmp:
+            tmp.write_text(json.dumps({"case_id": case_id, "split": split, **meta}, indent=1) + "\n")
+        paths.append(directory / f"{case_id}_volume.nrrd")
+    return paths
+
+
+def _dataset_jobs(seed: int, counts: dict[str, int], fraction: float) -> list[tuple[str, str, int, bool]]:
+    """The cases of a dataset, in id order: ``(split, case_id, case_seed, incomplete)``. Each split gets
+    ``round(fraction × n)`` incomplete cases, placed by the master seed (also used by
+    benchmarks/phantom_difficulty.py)."""
     total = sum(counts.values())
     children = np.random.SeedSequence(int(seed)).spawn(total + 1)
     split_rng = np.random.default_rng(children[-1])
@@ -1188,18 +1320,5 @@ def write_phantom_dataset(
         flags[: round(fraction * n)] = True
         first = len(jobs)
         jobs.extend((split, first + i, bool(f)) for i, f in enumerate(split_rng.permutation(flags)))
-    iterator = jobs
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(jobs, desc="phantom cases", unit="case")
-    paths = []
-    for split, index, incomplete in iterator:
-        case_id = f"{index:04d}"
-        case_seed = int(children[index].generate_state(1)[0])
-        case = generate_phantom(seed=case_seed, shape=shape, incomplete=incomplete, case_id=case_id)
-        directory = out / split
-        directory.mkdir(parents=True, exist_ok=True)
-        write_mml_case(directory, case)
-        paths.append(directory / f"{case_id}_volume.nrrd")
-    return paths
+    return [(split, f"{index:04d}", int(children[index].generate_state(1)[0]), incomplete)
+            for split, index, incomplete in jobs]  # fmt: skip
