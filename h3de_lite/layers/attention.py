@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from h3de_lite.layers.routing import (
     Routing,
     attention_scale,
+    check_backend,
     gather_regions,
     make_layout,
     merge_regions,
@@ -100,10 +101,12 @@ class BiLevelRoutingAttention3d(_AttentionBase):
         lepe_kernel: kernel of the LePE depthwise conv (odd), 0 to disable.
         qk_scale: token attention scale of eq. 4 (default ``(qk_dim / num_heads) ** -0.5``); the routing of eq. 3
             always scales by ``qk_dim ** -0.5`` (see "the two scales" in :mod:`h3de_lite.layers.routing`).
-        fused: ``F.scaled_dot_product_attention`` (True) or the written-out einsum reference (False).
-        query_chunk: query regions per chunk of STEP 3 (over the B·R of the batch); None picks it from the gathered size
-            (:func:`~h3de_lite.layers.routing.auto_query_chunk`) under ``torch.no_grad()`` and uses one chunk
-            while autograd records (the backward keeps every chunk's gather anyway).
+        fused: ``F.scaled_dot_product_attention`` (True) or the written-out einsum reference (False); gather path.
+        query_chunk: query regions per chunk of the gather path (over the B·R of the batch); None picks it from the
+            gathered size (:func:`~h3de_lite.layers.routing.auto_query_chunk`).
+        backend: STEP 3 implementation: ``"gather"`` (gather the routed keys/values, attend per region),
+            ``"flex"`` (block-sparse ``flex_attention``, no gather) or ``"auto"`` (gather on CPU; on CUDA the faster
+            of the two, measured once per shape). See :func:`~h3de_lite.layers.routing.regional_routing_attention`.
 
     Shape:
         input ``(B, C, D, H, W)`` → output ``(B, C, D, H, W)``; with ``return_routing=True`` also a
@@ -129,6 +132,7 @@ class BiLevelRoutingAttention3d(_AttentionBase):
         qk_scale: float | None = None,
         fused: bool = True,
         query_chunk: int | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__(dim=dim, num_heads=num_heads, qk_dim=qk_dim, lepe_kernel=lepe_kernel)
         self.grid = normalize_grid(regions_per_side)
@@ -146,11 +150,15 @@ class BiLevelRoutingAttention3d(_AttentionBase):
         self.routing_scale = routing_scale(self.qk_dim)
         self.fused = fused
         self.query_chunk = query_chunk
+        self.backend = check_backend(backend)
         # The key/value gather; benchmarks swap in routing.naive_gather (the BiFormer-legacy expansion) here.
         self.gather = gather_regions
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, regions_per_side={self.grid}, topk={self.topk}"
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, regions_per_side={self.grid}, topk={self.topk}, "
+            f"backend={self.backend!r}"
+        )
 
     def forward_channels_last(self, x: Tensor, *, return_routing: bool = False) -> Tensor | tuple[Tensor, Routing]:
         """V-BRA on channels-last tokens ``(B, D, H, W, C)`` → ``(B, D, H, W, C)`` (what :class:`VBRABlock` calls)."""
@@ -178,6 +186,7 @@ class BiLevelRoutingAttention3d(_AttentionBase):
             fused=self.fused,
             query_chunk=self.query_chunk,
             gather=self.gather,
+            backend=self.backend,
         )  # (B, R, T, C)
         del q
         out = merge_regions(out, layout)[:, :d, :h, :w]  # (B, D, H, W, C), padding cropped

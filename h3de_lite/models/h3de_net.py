@@ -18,6 +18,7 @@ from h3de_lite.config import H3DENetConfig, get_preset
 from h3de_lite.layers.block import VBRABlock
 from h3de_lite.layers.conv import ConvNormAct, Downsample, ResidualConvBlock
 from h3de_lite.layers.fusion import ConcatFusion, FeatureFusionModule
+from h3de_lite.layers.routing import BACKENDS
 from h3de_lite.layers.super_resolution import SuperResolutionBlock, TrilinearUpsample
 
 __all__ = ["H3DENet", "count_parameters", "model_flops"]
@@ -107,6 +108,10 @@ class H3DENet(nn.Module):
         use_vbra: V-BRA stages as given (True) or all conv (False).
         head: ``"heatmap"`` or ``"anchor"``.
         anchors: ``"single"`` (n_a = 1) or ``"multi"`` (n_a = 3), for ``head="anchor"``.
+        attention_backend: STEP 3 of V-BRA, ``"gather"``, ``"flex"`` or ``"auto"`` (gather on CPU, the faster one
+            measured on CUDA); see :class:`~h3de_lite.layers.attention.BiLevelRoutingAttention3d`.
+        checkpointing: activation checkpointing of the V-BRA blocks while training (recomputed in the backward:
+            less memory, about one more forward of those blocks; same values and gradients).
 
     Shape:
         - Input: ``(B, in_channels, D, H, W)`` with D, H, W multiples of 32, not all equal to 32.
@@ -142,6 +147,8 @@ class H3DENet(nn.Module):
         use_vbra: bool = True,
         head: str = "heatmap",
         anchors: str = "single",
+        attention_backend: str = "auto",
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         _check_positive_ints(
@@ -168,6 +175,8 @@ class H3DENet(nn.Module):
             raise ValueError(f"anchors must be one of {tuple(ANCHORS_PER_LOCATION)}, got {anchors!r}")
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
         for i, (kind, dim, heads) in enumerate(zip(stage_types, channels, num_heads, strict=True)):
             if kind == "vbra" and (not _is_int(heads) or heads < 1 or dim % heads):
                 raise ValueError(
@@ -205,6 +214,8 @@ class H3DENet(nn.Module):
                             mlp_ratio=mlp_ratio,
                             drop_path=rates.pop(0),
                             lepe_kernel=lepe_kernel,
+                            backend=attention_backend,
+                            checkpointing=checkpointing,
                         )
                     )
                 else:
