@@ -45,7 +45,8 @@ class H3DENetConfig:
         anchors: ``"single"`` (n_a = 1, r = 0.5u) or ``"multi"`` (n_a = 3, r up to 1u); used by ``head="anchor"``.
         attention_backend: V-BRA STEP 3, ``"gather"``, ``"flex"`` (block-sparse flex_attention) or ``"auto"``
             (gather on CPU, the faster of the two measured on CUDA).
-        checkpointing: activation checkpointing of the V-BRA blocks while training (less memory, more compute).
+        checkpointing: activation checkpointing of the stem, every stage and every decoder level while training
+            (much less memory, about one more forward pass of compute; same results).
         input_size: ``(D, H, W)`` crop the preset is sized for (each a multiple of 32); not a network argument.
 
     Shape:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from h3de_lite.layers.attention import BiLevelRoutingAttention3d, DenseAttention3d, Routing
 from h3de_lite.layers.routing import naive_gather
@@ -172,3 +173,28 @@ def test_flex_backend_equals_gather_backend_without_autograd():
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
     assert torch.equal(routing.indices, expected_routing.indices)
     assert "backend='flex'" in repr(flex)
+
+
+@pytest.mark.parametrize(("kernel", "bias"), [(3, True), (5, True), (1, False)])
+def test_depthwise_conv_gradients_equal_plain_conv(kernel, bias):
+    """The faster backward (made of forward convolutions) against autograd through nn.Conv3d."""
+    from h3de_lite.layers.attention import DepthwiseConv3d
+
+    conv = DepthwiseConv3d(channels=3, kernel_size=kernel, bias=bias).double()
+    plain = nn.Conv3d(3, 3, kernel, padding=kernel // 2, groups=3, bias=bias).double()
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 3, 5, 6, 4, dtype=torch.float64)
+    x_cl = x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)  # channels-last, as LePE sees it
+    weights = torch.randn(2, 3, 5, 6, 4, dtype=torch.float64)
+    grads = []
+    for module, inp in ((plain, x), (conv, x), (conv, x_cl)):
+        xi = inp.clone().requires_grad_()
+        out = module(xi)
+        grads.append((out, *torch.autograd.grad((out * weights).sum(), (xi, *module.parameters()))))
+    for other in grads[1:]:
+        for got, want in zip(other, grads[0], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    small = DepthwiseConv3d(channels=2, kernel_size=3).double()
+    assert torch.autograd.gradcheck(small, (torch.randn(1, 2, 3, 3, 2, dtype=torch.float64, requires_grad=True),))
+    with pytest.raises(ValueError, match="odd"):
+        DepthwiseConv3d(channels=2, kernel_size=4)

@@ -326,7 +326,13 @@ def test_cpu_flash_path_equals_plain_autograd_values_and_gradients(masked, chunk
     mask = None if valid is None else gather_key_mask(valid, indices).reshape(12, 15)
     for fused in (True, False):  # plain autograd through SDPA, and the written-out reference
         expected = gather_attention(
-            q.reshape(12, 5, 8), kv.reshape(12, 5, 16), rows, num_heads=2, scale=0.5, key_mask=mask, fused=fused,
+            q.reshape(12, 5, 8),
+            kv.reshape(12, 5, 16),
+            rows,
+            num_heads=2,
+            scale=0.5,
+            key_mask=mask,
+            fused=fused,
             query_chunk=12,
         ).reshape(out.shape)
         torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)

@@ -20,7 +20,7 @@ def _reference_vbra(attn: BiLevelRoutingAttention3d, x: torch.Tensor) -> torch.T
     """Plain-code V-BRA for one module: ``(B, C, D, H, W)`` → ``(B, C, D, H, W)``."""
     b, c, d, h, w = x.shape
     sd, sh, sw = attn.grid
-    td, th, tw = (math.ceil(n / s) for n, s in zip((d, h, w), (sd, sh, sw)))  # tokens per region and axis
+    td, th, tw = (math.ceil(n / s) for n, s in zip((d, h, w), (sd, sh, sw), strict=True))  # tokens per region, axis
     qk, m = attn.qk_dim, attn.num_heads
     tokens = x.permute(0, 2, 3, 4, 1).reshape(b, d * h * w, c)  # (B, N, C), C order over (d, h, w)
     qkv = tokens @ attn.qkv.weight.T + attn.qkv.bias  # (B, N, 2·qk_dim + C)

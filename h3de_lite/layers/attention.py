@@ -28,7 +28,71 @@ from h3de_lite.layers.routing import (
     token_mask,
 )
 
-__all__ = ["BiLevelRoutingAttention3d", "DenseAttention3d", "Routing"]
+__all__ = ["BiLevelRoutingAttention3d", "DenseAttention3d", "DepthwiseConv3d", "Routing"]
+
+
+class _DepthwiseConv3dFunction(torch.autograd.Function):
+    """Depthwise 3D convolution (stride 1, 'same' padding) whose backward is made of forward convolutions.
+
+    oneDNN's backward of depthwise 3D convolutions is 3–9× slower than its forward on CPU (PyTorch 2.13). Both
+    gradients are convolutions themselves: the input gradient convolves the output gradient with the flipped
+    kernel; the weight gradient of channel c correlates the padded input of channel c with its output gradient,
+    i.e. a grouped convolution whose "kernel" is the output gradient (one sample at a time, summed).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+        return F.conv3d(x, weight, bias, padding=padding, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        pad, channels = ctx.padding, x.shape[1]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv3d(grad, weight.flip(2, 3, 4), padding=pad, groups=channels)  # (B, C, D, H, W)
+        if ctx.needs_input_grad[1]:
+            # Channel c of sample i: the input (1, C, D, H, W) "convolved" with its output gradient as kernel.
+            grad_w = sum(
+                F.conv3d(x[i : i + 1], grad[i : i + 1].transpose(0, 1), padding=pad, groups=channels)  # (1, C, k, k, k)
+                for i in range(x.shape[0])
+            ).transpose(0, 1)  # (C, 1, k, k, k)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(dim=(0, 2, 3, 4))
+        return grad_x, grad_w, grad_b, None
+
+
+class DepthwiseConv3d(nn.Conv3d):
+    """Depthwise 3D convolution with stride 1 and 'same' padding (odd kernel), with a faster CPU backward.
+
+    An ``nn.Conv3d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)`` (same parameters and
+    state dict) whose backward runs as forward convolutions (:class:`_DepthwiseConv3dFunction`): same gradients,
+    several times faster than oneDNN's depthwise 3D backward on CPU. Used for LePE and the block's position
+    embedding.
+
+    Args:
+        channels: C, in and out.
+        kernel_size: odd kernel size k.
+        bias: learn a bias.
+
+    Shape:
+        ``(B, C, D, H, W)`` → ``(B, C, D, H, W)``.
+
+    Example:
+        >>> DepthwiseConv3d(channels=4, kernel_size=3)(torch.randn(1, 4, 5, 6, 7)).shape
+        torch.Size([1, 4, 5, 6, 7])
+    """
+
+    def __init__(self, *, channels: int, kernel_size: int, bias: bool = True) -> None:
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}")
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _DepthwiseConv3dFunction.apply(x, self.weight, self.bias, self.padding[0])
 
 
 class _AttentionBase(nn.Module):
@@ -50,11 +114,7 @@ class _AttentionBase(nn.Module):
         self.num_heads = num_heads
         self.qk_dim = qk_dim
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
-        self.lepe = (
-            nn.Conv3d(dim, dim, kernel_size=lepe_kernel, padding=lepe_kernel // 2, groups=dim)
-            if lepe_kernel > 0
-            else None
-        )
+        self.lepe = DepthwiseConv3d(channels=dim, kernel_size=lepe_kernel) if lepe_kernel > 0 else None
         self.proj = nn.Linear(dim, dim)
 
     def _check_input(self, x: Tensor) -> None:

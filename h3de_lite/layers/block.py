@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from h3de_lite.layers.attention import BiLevelRoutingAttention3d
+from h3de_lite.layers.attention import BiLevelRoutingAttention3d, DepthwiseConv3d
 
 __all__ = ["DropPath", "Mlp", "VBRABlock"]
 
@@ -133,7 +133,7 @@ class VBRABlock(nn.Module):
             raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
-        self.pos_embed = nn.Conv3d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.pos_embed = DepthwiseConv3d(channels=dim, kernel_size=3)
         self.norm1 = norm_layer(dim)
         self.attn = BiLevelRoutingAttention3d(
             dim=dim,

@@ -612,7 +612,12 @@ class _RoutedFlashAttentionCPU(torch.autograd.Function):
         lse = None
         for start, stop in _chunks(num_queries, query_chunk):
             k_sel, v_sel = _gather_chunk(
-                kv_rows, rows[start:stop], buffer, kv_channels=kv.shape[-1], qk_channels=qk_channels, num_heads=num_heads
+                kv_rows,
+                rows[start:stop],
+                buffer,
+                kv_channels=kv.shape[-1],
+                qk_channels=qk_channels,
+                num_heads=num_heads,
             )
             mask = _additive_mask(None if key_mask is None else key_mask[start:stop], q.dtype)
             chunk_out, chunk_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -640,7 +645,12 @@ class _RoutedFlashAttentionCPU(torch.autograd.Function):
         grad_rows = grad_kv.view(num_queries, -1)  # (N, T·M·(c + c_v))
         for start, stop in _chunks(num_queries, query_chunk):
             k_sel, v_sel = _gather_chunk(
-                kv_rows, rows[start:stop], buffer, kv_channels=kv.shape[-1], qk_channels=qk_channels, num_heads=num_heads
+                kv_rows,
+                rows[start:stop],
+                buffer,
+                kv_channels=kv.shape[-1],
+                qk_channels=qk_channels,
+                num_heads=num_heads,
             )
             mask = _additive_mask(None if key_mask is None else key_mask[start:stop], q.dtype)
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -659,7 +669,8 @@ class _RoutedFlashAttentionCPU(torch.autograd.Function):
             grad_sel = torch.cat([_unheads(dk), _unheads(dv)], dim=-1)  # (n, k·T, M·(c + c_v))
             # Add each gathered region's gradient back to its row. A loop of contiguous row additions: index_add_
             # (scatter_add_ with an expanded index) is orders of magnitude slower on two threads in PyTorch 2.13.
-            for row, grad_row in zip(rows[start:stop].reshape(-1).tolist(), grad_sel.view((stop - start) * topk, -1)):
+            picked_rows = rows[start:stop].reshape(-1).tolist()
+            for row, grad_row in zip(picked_rows, grad_sel.view((stop - start) * topk, -1), strict=True):
                 grad_rows[row].add_(grad_row)
         return grad_q, grad_kv, None, None, None, None, None
 
@@ -732,9 +743,7 @@ def routed_block_mask(indices: Tensor, real: Tensor | None, block: int):  # noqa
     batch, num_regions, topk = indices.shape
     routed = torch.zeros(batch, num_regions, num_regions, dtype=torch.bool, device=indices.device)
     routed.scatter_(2, indices, True)  # (B, R_q, R_k) query region → key region
-    region_full = (
-        torch.ones(num_regions, dtype=torch.bool, device=indices.device) if real is None else real.all(dim=1)
-    )
+    region_full = torch.ones(num_regions, dtype=torch.bool, device=indices.device) if real is None else real.all(dim=1)
     full = region_full[indices]  # (B, R, k)
     full_num = full.sum(dim=-1, dtype=torch.int32)  # (B, R)
 

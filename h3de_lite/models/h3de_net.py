@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from h3de_lite.config import H3DENetConfig, get_preset
@@ -110,8 +111,10 @@ class H3DENet(nn.Module):
         anchors: ``"single"`` (n_a = 1) or ``"multi"`` (n_a = 3), for ``head="anchor"``.
         attention_backend: STEP 3 of V-BRA, ``"gather"``, ``"flex"`` or ``"auto"`` (gather on CPU, the faster one
             measured on CUDA); see :class:`~h3de_lite.layers.attention.BiLevelRoutingAttention3d`.
-        checkpointing: activation checkpointing of the V-BRA blocks while training (recomputed in the backward:
-            less memory, about one more forward of those blocks; same values and gradients).
+        checkpointing: activation checkpointing while training: the stem, every encoder stage (V-BRA blocks
+            included) and every decoder level keep only their inputs for the backward and recompute their
+            activations there (``torch.utils.checkpoint``, non-reentrant): same values and gradients, about one
+            more forward pass of compute, and a fraction of the activation memory (book/benchmark_attention.md).
 
     Shape:
         - Input: ``(B, in_channels, D, H, W)`` with D, H, W multiples of 32, not all equal to 32.
@@ -189,6 +192,7 @@ class H3DENet(nn.Module):
         self.head_type = head
         self.anchors = anchors
         self.stage_types = tuple(stage_types)
+        self.checkpointing = checkpointing
         self.encoder_channels = (stem_channels, *channels)  # E_0 … E_5
         self.decoder_channels = self.encoder_channels[:-1]  # D_0 … D_4 (D_5 = E_5)
 
@@ -215,7 +219,6 @@ class H3DENet(nn.Module):
                             drop_path=rates.pop(0),
                             lepe_kernel=lepe_kernel,
                             backend=attention_backend,
-                            checkpointing=checkpointing,
                         )
                     )
                 else:
@@ -286,19 +289,29 @@ class H3DENet(nn.Module):
                 f"(D, H, W) = {sizes}; crop or pad to sizes such as {nearest} (e.g. 64, 96, 128)"
             )
 
+    def _segment(self, function: Any, *args: Any) -> Tensor:
+        """Run one stage or decoder level, through activation checkpointing when enabled and autograd records."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
+
+    def _decode_level(self, i: int, coarse: Tensor, skip: Tensor) -> Tensor:
+        """``D_i = Refine(Fusion(Up(D_{i+1}), E_i))`` (eq. 11)."""
+        up = self.upsamplers[i](coarse)  # (B, C_dec_i, D/2^i, H/2^i, W/2^i)
+        return self.refines[i](self.fusions[i](up, skip))
+
     def forward_encoder(self, x: Tensor) -> list[Tensor]:
         """Encoder features ``[E_0, …, E_5]``; E_i is ``(B, encoder_channels[i], D/2^i, H/2^i, W/2^i)``."""
-        features = [self.stem(x)]  # E_0 (eq. 9)
+        features = [self._segment(self.stem, x)]  # E_0 (eq. 9)
         for stage in self.stages:
-            features.append(stage(features[-1]))  # E_i = Stage_i(E_{i-1}) (eq. 10)
+            features.append(self._segment(stage, features[-1]))  # E_i = Stage_i(E_{i-1}) (eq. 10)
         return features
 
     def forward_decoder(self, features: Sequence[Tensor]) -> list[Tensor]:
         """Decoder features ``[D_0, …, D_5]`` from ``[E_0, …, E_5]``; D_i has E_i's resolution, D_5 = E_5."""
         decoded = [features[-1]]  # D_5, coarsest first while building
         for i in reversed(range(NUM_STAGES)):
-            up = self.upsamplers[i](decoded[-1])  # (B, C_dec_i, D/2^i, H/2^i, W/2^i)
-            decoded.append(self.refines[i](self.fusions[i](up, features[i])))  # D_i (eq. 11)
+            decoded.append(self._segment(self._decode_level, i, decoded[-1], features[i]))  # D_i (eq. 11)
         return decoded[::-1]
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
