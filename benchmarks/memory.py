@@ -243,6 +243,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['peak_mb'] / base['peak_mb']:.2f} | {row['step_s'] / base['step_s']:.2f} | "
                 f"{row['loss']:.6f} | {grad_diff:.1e} |"
             )
+            if "channels-last" in label:
+                checks.append(
+                    f"{label}: {row['step_s'] / base['step_s']:.2f}× the baseline's step time, gradients "
+                    + (
+                        "equal to the baseline's"
+                        if loss_diff == 0 and grad_diff < 1e-4
+                        else f"NOT equal to the baseline's (largest difference {grad_diff:.1e} of the largest "
+                        "gradient): not usable for training"
+                    )
+                )
             if label == "checkpointing":
                 cut = 1 - row["peak_mb"] / base["peak_mb"]
                 equal = loss_diff == 0 and grad_diff < 1e-4

@@ -17,7 +17,12 @@ Fixes over the BiFormer / H3DE-Net legacy code:
 * the key/value gather indexes a flat ``(B·R, T, C)`` view with ``(B, R, k)`` region indices, so only the
   ``(B, R, k·T, C)`` result is allocated (never a ``(B, R, R, T, C)`` expansion), keys and values in one go;
 * the token attention runs over chunks of query regions, which bounds the gathered memory; heads stay side by side in
-  the channels and reach ``F.scaled_dot_product_attention`` as strided views, without copies.
+  the channels and reach ``F.scaled_dot_product_attention`` as strided views, without copies;
+* on CPU the backward gathers each chunk again instead of keeping every gathered key and value
+  (:class:`_RoutedFlashAttentionCPU`): training keeps no k-fold copy of the keys and values.
+
+STEP 3 has a second implementation without any gather: one block-sparse ``flex_attention`` call whose BlockMask is
+the routing (:func:`flex_routed_attention`); ``backend="auto"`` picks between the two (:func:`resolve_backend`).
 
 Symbols: B batch, M heads, R regions, T tokens per region, k top-k, c channels per head, n query regions of a chunk.
 
