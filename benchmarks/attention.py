@@ -1,15 +1,20 @@
-"""Benchmark V-BRA against dense multi-head attention and against the BiFormer-legacy (naive) gather.
+"""Benchmark V-BRA against dense multi-head attention, its two STEP 3 backends, and the legacy (naive) gather.
 
-For each token grid and method it measures the median time of a forward pass (``torch.no_grad``) and of a
-forward + backward pass, and the peak memory of each, then prints one table with ratios taken in the same run.
+For each thread count, token grid and method it measures the median time of a forward pass (``torch.no_grad``) and
+of a forward + backward pass, and the peak memory of each, then prints one table per thread count with ratios taken in
+the same run, and the acceptance checks.
 
 Methods (same dim, heads and parameters, batch 1):
 
-* ``vbra``  — :class:`h3de_lite.layers.attention.BiLevelRoutingAttention3d` (index gather, chunked query regions,
-  fused ``F.scaled_dot_product_attention``);
-* ``naive`` — the same module with the legacy key/value gather (:func:`h3de_lite.layers.routing.naive_gather`:
-  expand to ``(R, R, T, C)`` then ``torch.gather``) and no chunking, as in BiFormer's ``bra_legacy.py``;
-* ``dense`` — :class:`h3de_lite.layers.attention.DenseAttention3d`, SDPA over all ``D·H·W`` tokens.
+* ``dense``  — :class:`h3de_lite.layers.attention.DenseAttention3d`, SDPA over all ``D·H·W`` tokens;
+* ``naive``  — V-BRA with the legacy key/value gather (:func:`h3de_lite.layers.routing.naive_gather`: expand to
+  ``(R, R, T, C)`` then ``torch.gather``) and no chunking, as in BiFormer's ``bra_legacy.py``;
+* ``gather`` — :class:`h3de_lite.layers.attention.BiLevelRoutingAttention3d` with ``backend="gather"`` (index gather
+  of whole regions into a reused buffer, chunked query regions, the flash kernel; on CPU the backward regathers
+  chunk by chunk instead of keeping the gathers) — what ``backend="auto"`` runs on CPU;
+* ``flex``   — the same module with ``backend="flex"``: one block-sparse ``torch.compile(flex_attention)`` call whose
+  BlockMask comes from the routing, no gather. On CPU forward only (PyTorch's flex_attention has no CPU backward);
+  the compilation happens in the warm-up call and is not timed.
 
 Every measurement runs in its own subprocess. Peak memory:
 
@@ -21,7 +26,8 @@ Every measurement runs in its own subprocess. Peak memory:
 
 Usage::
 
-    python benchmarks/attention.py                       # CPU, grids 16×16×8, 32×32×16, 64×64×32
+    python benchmarks/attention.py                              # CPU, 1 and all threads, grids 16×16×8 … 64×64×32
+    python benchmarks/attention.py --threads 1,2 --grids 32x32x16 # the acceptance setting only
     python benchmarks/attention.py --device cuda --dense-max-tokens 131072
 
 Explained in book/benchmark_attention.md.
@@ -42,7 +48,9 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("dense", "naive", "vbra")
+METHODS = ("dense", "naive", "gather", "flex")
+ACCEPT_GRID = (32, 32, 16)
+ACCEPT_SPEEDUP = 12.0  # forward, V-BRA (gather) against dense, at ACCEPT_GRID, for every thread count
 FAST_S = 0.25  # calls shorter than this are timed several times per round
 SLOW_BUDGET_S = 40.0  # a call stops being timed once its samples add up to this
 
@@ -76,6 +84,7 @@ def _build(method: str, cfg: dict):
             regions_per_side=cfg["regions"],
             topk=cfg["topk"],
             query_chunk=regions if method == "naive" else None,  # the legacy code gathers all regions at once
+            backend="flex" if method == "flex" else "gather",
         )
         if method == "naive":
             module.gather = naive_gather
@@ -220,6 +229,149 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _parse_threads(text: str) -> list[int]:
+    """``"1,2"`` → ``[1, 2]``; ``all`` (or 0) means torch's default thread count."""
+    values = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part in ("all", "0"):
+            values.append(0)
+        elif part.isdigit() and int(part) >= 1:
+            values.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"threads are positive ints or 'all', comma-separated; got {text!r}")
+    return values
+
+
+def _plan(grid: tuple[int, int, int], args: argparse.Namespace, notes: list[str]) -> dict[str, list[str]]:
+    """Which steps each method runs at ``grid`` (skips are explained in ``notes``)."""
+    tokens = math.prod(grid)
+    label = "×".join(map(str, grid))
+    plan: dict[str, list[str]] = {}
+    for method in args.methods:
+        if method == "dense" and tokens > args.dense_max_tokens:
+            notes.append(
+                f"dense skipped at {label} ({tokens} tokens > --dense-max-tokens {args.dense_max_tokens}: "
+                "its cost grows as N²)"
+            )
+            continue
+        plan[method] = ["fwd", "fb"]
+        if method == "naive" and _naive_backward_bytes(grid, args) > args.naive_max_gb * 2**30:
+            plan[method] = ["fwd"]
+            notes.append(
+                f"naive fwd+bwd skipped at {label}: its backward scatters into (R, R, T, C) buffers of "
+                f"{_naive_backward_bytes(grid, args) / 2**30:.1f} GiB"
+            )
+        if method == "flex" and args.device == "cpu":
+            plan[method] = ["fwd"]
+            notes.append(f"flex fwd+bwd skipped at {label}: PyTorch's flex_attention has no CPU backward")
+    return plan
+
+
+def _measure(grid, threads: int, args: argparse.Namespace, notes: list[str]) -> dict[str, dict]:
+    plan = _plan(grid, args, notes)
+    base = {
+        "grid": grid,
+        "dim": args.dim,
+        "heads": args.heads,
+        "regions": args.regions,
+        "topk": args.topk,
+        "device": args.device,
+        "threads": threads,
+        "repeats": args.repeats,
+    }
+    results: dict[str, dict] = {method: {} for method in args.methods}
+    for method, values in _run_worker({**base, "plan": plan, "measure": "time"}).items():
+        results[method].update(values)
+    for method in plan:
+        for key, values in _run_worker({**base, "plan": {method: plan[method]}, "measure": "memory"}).items():
+            results[key].update(values)
+    for method in args.methods:
+        print(
+            f"  measured {method:6s} {'×'.join(map(str, grid))} threads={threads or 'all'}: {results[method]}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return results
+
+
+def _ratio(num: float | None, den: float | None, spec: str, suffix: str = "") -> str:
+    return "—" if num is None or den is None else format(num / den, spec) + suffix
+
+
+def _table(rows: dict[tuple, dict], grids: list, methods: tuple[str, ...]) -> list[str]:
+    header = (
+        "| grid (tokens) | method | fwd ms | fwd+bwd ms | n | fwd peak MB | fwd+bwd peak MB "
+        "| fwd speed-up vs dense | fwd+bwd speed-up vs dense | fwd mem / dense | fwd+bwd mem / dense "
+        "| fwd speed-up vs naive |"
+    )
+    columns = header.count("|") - 1
+    lines = [header, "|" + "|".join(["---"] * columns) + "|"]
+    for grid in grids:
+        dense, naive = rows[(grid, "dense")], rows[(grid, "naive")]
+        label = f"{'×'.join(map(str, grid))} ({math.prod(grid)})"
+        for method in methods:
+            row = rows[(grid, method)]
+            if not row or "error" in row:
+                reason = f"error: {row['error']}" if row else "skipped (see notes)"
+                lines.append(f"| {label} | {method} | {reason} |" + " |" * (columns - 3))
+                continue
+            samples = "/".join(str(row[key]) if key in row else "—" for key in ("fwd_n", "fb_n"))
+            cells = [_fmt(row.get(k)) for k in ("fwd_ms", "fb_ms")] + [samples]
+            cells += [_fmt(row.get(k)) for k in ("fwd_mb", "fb_mb")]
+            if method == "dense":
+                cells += [""] * 5
+            else:
+                cells += [
+                    _ratio(dense.get("fwd_ms"), row.get("fwd_ms"), ".1f", "×"),
+                    _ratio(dense.get("fb_ms"), row.get("fb_ms"), ".1f", "×"),
+                    _ratio(row.get("fwd_mb"), dense.get("fwd_mb"), ".2f"),
+                    _ratio(row.get("fb_mb"), dense.get("fb_mb"), ".2f"),
+                    "" if method == "naive" else _ratio(naive.get("fwd_ms"), row.get("fwd_ms"), ".1f", "×"),
+                ]
+            lines.append(f"| {label} | {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _checks(rows: dict[tuple, dict], grids: list, threads_label: str, ideal: float) -> list[str]:
+    checks = []
+    for grid in grids:
+        dense, gather, flex = (rows[(grid, m)] for m in ("dense", "gather", "flex"))
+        label = "×".join(map(str, grid))
+        if "fwd_ms" in dense and "fwd_ms" in gather:
+            speedup = dense["fwd_ms"] / gather["fwd_ms"]
+            line = (
+                f"{threads_label}, {label}: V-BRA (gather) forward {speedup:.1f}× faster than dense (ideal by "
+                f"attention FLOPs R/k = {ideal:.0f}×, fraction {speedup / ideal:.2f}), peak memory "
+                f"{gather['fwd_mb']:.1f} MB vs dense {dense['fwd_mb']:.1f} MB"
+            )
+            if "fb_ms" in dense and "fb_ms" in gather:
+                line += (
+                    f"; forward+backward {dense['fb_ms'] / gather['fb_ms']:.1f}× faster, peak "
+                    f"{gather['fb_mb']:.1f} MB vs {dense['fb_mb']:.1f} MB"
+                )
+            checks.append(line)
+        if "fwd_ms" in flex and "fwd_ms" in gather:
+            slower = flex["fwd_ms"] / gather["fwd_ms"]
+            checks.append(
+                f"{threads_label}, {label}: flex forward {flex['fwd_ms']:.1f} ms = {slower:.2f}× the gather path's time"
+                + (" (flex slower)" if slower > 1 else " (flex faster)")
+            )
+        if tuple(grid) == ACCEPT_GRID and "fwd_ms" in dense and "fwd_ms" in gather:
+            ok = dense["fwd_ms"] / gather["fwd_ms"] >= ACCEPT_SPEEDUP and gather["fwd_mb"] <= dense["fwd_mb"]
+            checks.append(
+                f"acceptance {threads_label}, {label} (forward ≥ {ACCEPT_SPEEDUP:.0f}× faster than dense, peak memory "
+                f"no higher): {'PASS' if ok else 'FAIL'}"
+            )
+        if tuple(grid) == (64, 64, 32) and "fwd_mb" in gather:
+            worst = max(gather.get("fwd_mb", 0.0), gather.get("fb_mb", 0.0))
+            checks.append(
+                f"acceptance {threads_label}, {label} (peak memory < 4 GB in forward and forward+backward): "
+                f"{'PASS' if worst < 4096 else 'FAIL'} ({worst:.0f} MB)"
+            )
+    return checks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -228,13 +380,24 @@ def main(argv: list[str] | None = None) -> int:
         default=[(16, 16, 8), (32, 32, 16), (64, 64, 32)],
         help="token grids D×H×W, comma-separated",
     )
+    parser.add_argument(
+        "--methods",
+        type=lambda s: tuple(m for m in METHODS if m in s.split(",")),
+        default=METHODS,
+        help=f"comma-separated subset of {','.join(METHODS)}",
+    )
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--regions", type=int, default=4, help="regions per side S")
     parser.add_argument("--topk", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (median reported)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=_parse_threads,
+        default=[1, 0],
+        help="torch CPU thread counts, comma-separated, one table each ('all': torch's default); default 1,all",
+    )
     parser.add_argument(
         "--dense-max-tokens",
         type=int,
@@ -258,12 +421,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
-    threads = args.threads or torch.get_num_threads()
     ideal = args.regions**3 / args.topk  # N² / (N·k·T) = R / k
+    default_threads = torch.get_num_threads()
     print(f"# V-BRA attention benchmark — {datetime.date.today().isoformat()}")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     print(
-        f"# device {args.device} ({device_name}), torch {torch.__version__}, {threads} threads; batch 1, "
+        f"# device {args.device} ({device_name}, {os.cpu_count()} CPUs), torch {torch.__version__}; batch 1, "
         f"dim {args.dim}, heads {args.heads}, S={args.regions} (R={args.regions**3}), topk {args.topk}"
     )
     mem_method = (
@@ -277,108 +440,27 @@ def main(argv: list[str] | None = None) -> int:
         f"of samples; n = samples fwd/fwd+bwd)"
     )
     print(f"# peak memory: {mem_method}")
+    print(f"# 1-minute load average at start: {os.getloadavg()[0]:.1f} (other processes share the CPU when > 0)")
 
-    rows: dict[tuple, dict] = {}
     notes: list[str] = []
-    for grid in args.grids:
-        tokens = math.prod(grid)
-        plan: dict[str, list[str]] = {}
-        for method in METHODS:
-            if method == "dense" and tokens > args.dense_max_tokens:
-                notes.append(
-                    f"dense skipped at {'×'.join(map(str, grid))} ({tokens} tokens > --dense-max-tokens "
-                    f"{args.dense_max_tokens}: its cost grows as N²)"
-                )
-                continue
-            plan[method] = ["fwd", "fb"]
-            if method == "naive" and _naive_backward_bytes(grid, args) > args.naive_max_gb * 2**30:
-                plan[method] = ["fwd"]
-                notes.append(
-                    f"naive fwd+bwd skipped at {'×'.join(map(str, grid))}: its backward scatters into "
-                    f"(R, R, T, C) buffers of {_naive_backward_bytes(grid, args) / 2**30:.1f} GiB"
-                )
-        base = {
-            "grid": grid,
-            "dim": args.dim,
-            "heads": args.heads,
-            "regions": args.regions,
-            "topk": args.topk,
-            "device": args.device,
-            "threads": args.threads,
-            "repeats": args.repeats,
-        }
-        results: dict[str, dict] = {method: {} for method in METHODS}
-        for method, values in _run_worker({**base, "plan": plan, "measure": "time"}).items():
-            results[method].update(values)
-        for method in plan:
-            for key, values in _run_worker({**base, "plan": {method: plan[method]}, "measure": "memory"}).items():
-                results[key].update(values)
-        for method in METHODS:
-            rows[(grid, method)] = results[method]
-            print(f"  measured {method:5s} {'×'.join(map(str, grid))}: {results[method]}", file=sys.stderr, flush=True)
-
-    header = (
-        "| grid (tokens) | method | fwd ms | fwd+bwd ms | n | fwd peak MB | fwd+bwd peak MB "
-        "| fwd speed-up vs dense | fwd+bwd speed-up vs dense | fwd mem / dense "
-        "| fwd speed-up vs naive | fwd mem / naive |"
-    )
-    columns = header.count("|") - 1
-    print()
-    print(header)
-    print("|" + "|".join(["---"] * columns) + "|")
-
-    def ratio(num: float | None, den: float | None, spec: str, suffix: str = "") -> str:
-        return "—" if num is None or den is None else format(num / den, spec) + suffix
-
     checks: list[str] = []
-    for grid in args.grids:
-        dense, naive, vbra = (rows[(grid, m)] for m in METHODS)
-        label = f"{'×'.join(map(str, grid))} ({math.prod(grid)})"
-        for method, row in (("dense", dense), ("naive", naive), ("vbra", vbra)):
-            if not row or "error" in row:
-                reason = f"error: {row['error']}" if row else "skipped (see notes)"
-                print(f"| {label} | {method} | {reason} |" + " |" * (columns - 3))
-                continue
-            samples = "/".join(str(row[key]) if key in row else "—" for key in ("fwd_n", "fb_n"))
-            cells = [
-                _fmt(row.get("fwd_ms")),
-                _fmt(row.get("fb_ms")),
-                samples,
-                _fmt(row.get("fwd_mb")),
-                _fmt(row.get("fb_mb")),
-            ]
-            if method == "vbra":
-                cells += [
-                    ratio(dense.get("fwd_ms"), row.get("fwd_ms"), ".1f", "×"),
-                    ratio(dense.get("fb_ms"), row.get("fb_ms"), ".1f", "×"),
-                    ratio(row.get("fwd_mb"), dense.get("fwd_mb"), ".2f"),
-                    ratio(naive.get("fwd_ms"), row.get("fwd_ms"), ".1f", "×"),
-                    ratio(row.get("fwd_mb"), naive.get("fwd_mb"), ".2f"),
-                ]
-            else:
-                cells += [""] * 5
-            print(f"| {label} | {method} | " + " | ".join(cells) + " |")
-        if "fwd_ms" in dense and "fwd_ms" in vbra:
-            speedup = dense["fwd_ms"] / vbra["fwd_ms"]
-            checks.append(
-                f"{'×'.join(map(str, grid))}: V-BRA forward {speedup:.1f}× faster than dense; ideal by "
-                f"attention FLOPs R/k = {ideal:.0f}×, achieved fraction {speedup / ideal:.2f}; peak memory "
-                f"{vbra['fwd_mb']:.1f} MB vs dense {dense['fwd_mb']:.1f} MB"
-            )
-        if tuple(grid) == (32, 32, 16) and "fwd_ms" in dense and "fwd_ms" in vbra:
-            ok = dense["fwd_ms"] / vbra["fwd_ms"] >= 8 and vbra["fwd_mb"] <= dense["fwd_mb"]
-            checks.append(
-                "acceptance 32×32×16 (forward ≥ 8× faster than dense, peak memory no higher): "
-                + ("PASS" if ok else "FAIL")
-            )
-        if tuple(grid) == (64, 64, 32) and "fwd_mb" in vbra:
-            worst = max(vbra.get("fwd_mb", 0.0), vbra.get("fb_mb", 0.0))
-            checks.append(
-                "acceptance 64×64×32 (peak memory < 4 GB in forward and forward+backward): "
-                f"{'PASS' if worst < 4096 else 'FAIL'} ({worst:.0f} MB)"
-            )
+    for threads in args.threads:
+        threads_label = f"{threads or default_threads} thread{'s' if (threads or default_threads) > 1 else ''}"
+        rows: dict[tuple, dict] = {}
+        for grid in args.grids:
+            for method, values in _measure(grid, threads, args, notes).items():
+                rows[(grid, method)] = values
+        for grid in args.grids:  # methods not run at all still need (empty) rows
+            for method in METHODS:
+                rows.setdefault((grid, method), {})
+        print()
+        print(f"## {threads_label}")
+        print()
+        for line in _table(rows, args.grids, args.methods):
+            print(line)
+        checks += _checks(rows, args.grids, threads_label, ideal)
     print()
-    for line in notes + checks:
+    for line in list(dict.fromkeys(notes)) + checks:
         print(f"- {line}")
     return 0
 

@@ -43,6 +43,10 @@ class H3DENetConfig:
         use_vbra: V-BRA stages as given (True) or every stage a conv stage (False).
         head: ``"heatmap"`` (anchor-free) or ``"anchor"`` (anchor-based: heatmaps plus the anchor head).
         anchors: ``"single"`` (n_a = 1, r = 0.5u) or ``"multi"`` (n_a = 3, r up to 1u); used by ``head="anchor"``.
+        attention_backend: V-BRA STEP 3, ``"gather"``, ``"flex"`` (block-sparse flex_attention) or ``"auto"``
+            (gather on CPU, the faster of the two measured on CUDA).
+        checkpointing: activation checkpointing of the stem, every stage and every decoder level while training
+            (much less memory, about one more forward pass of compute; same results).
         input_size: ``(D, H, W)`` crop the preset is sized for (each a multiple of 32); not a network argument.
 
     Shape:
@@ -73,6 +77,8 @@ class H3DENetConfig:
     use_vbra: bool = True
     head: str = "heatmap"
     anchors: str = "single"
+    attention_backend: str = "auto"
+    checkpointing: bool = False
     input_size: tuple[int, int, int] = (128, 128, 64)
 
     def model_kwargs(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from h3de_lite.layers.attention import BiLevelRoutingAttention3d, DenseAttention3d, Routing
 from h3de_lite.layers.routing import naive_gather
@@ -126,6 +127,7 @@ def test_locality_with_few_regions_differs_from_dense():
         ({"dim": 16, "num_heads": 2, "regions_per_side": (2, 2)}, "regions_per_side"),
         ({"dim": 16, "num_heads": 2, "lepe_kernel": 4}, "lepe_kernel"),
         ({"dim": 16, "num_heads": 2, "query_chunk": 0}, "query_chunk"),
+        ({"dim": 16, "num_heads": 2, "backend": "sparse"}, "backend must be one of"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, match):
@@ -141,3 +143,58 @@ def test_wrong_input_raises():
         attn(torch.randn(16, 4, 4, 4))
     with pytest.raises(ValueError, match="C=16"):
         DenseAttention3d(dim=16, num_heads=2)(torch.randn(1, 8, 4, 4, 4))
+
+
+@pytest.mark.parametrize("spatial", [(8, 8, 8), (9, 10, 7)])
+def test_fast_path_gradients_equal_the_einsum_reference(spatial):
+    """Module gradients (input and every parameter) through the CPU flash path and the written-out reference."""
+    x = torch.randn(2, 16, *spatial, dtype=torch.float64)
+    reference = _vbra(regions_per_side=2, topk=3, fused=False, query_chunk=8)
+    fast = _vbra(regions_per_side=2, topk=3)  # fused, automatic chunks: the CPU flash path
+    fast.load_state_dict(reference.state_dict())
+    grads = []
+    for attn in (reference, fast):
+        xi = x.clone().requires_grad_()
+        out = attn(xi)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        grads.append(torch.autograd.grad((out * weights).sum(), (xi, *attn.parameters())))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_flex_backend_equals_gather_backend_without_autograd():
+    x = torch.randn(1, 16, 9, 10, 7, dtype=torch.float64)
+    gather = _vbra(regions_per_side=(2, 3, 2), topk=4, backend="gather")
+    flex = _vbra(regions_per_side=(2, 3, 2), topk=4, backend="flex")
+    flex.load_state_dict(gather.state_dict())
+    with torch.no_grad():
+        out, routing = flex(x, return_routing=True)
+        expected, expected_routing = gather(x, return_routing=True)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+    assert torch.equal(routing.indices, expected_routing.indices)
+    assert "backend='flex'" in repr(flex)
+
+
+@pytest.mark.parametrize(("kernel", "bias"), [(3, True), (5, True), (1, False)])
+def test_depthwise_conv_gradients_equal_plain_conv(kernel, bias):
+    """The faster backward (made of forward convolutions) against autograd through nn.Conv3d."""
+    from h3de_lite.layers.attention import DepthwiseConv3d
+
+    conv = DepthwiseConv3d(channels=3, kernel_size=kernel, bias=bias).double()
+    plain = nn.Conv3d(3, 3, kernel, padding=kernel // 2, groups=3, bias=bias).double()
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 3, 5, 6, 4, dtype=torch.float64)
+    x_cl = x.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)  # channels-last, as LePE sees it
+    weights = torch.randn(2, 3, 5, 6, 4, dtype=torch.float64)
+    grads = []
+    for module, inp in ((plain, x), (conv, x), (conv, x_cl)):
+        xi = inp.clone().requires_grad_()
+        out = module(xi)
+        grads.append((out, *torch.autograd.grad((out * weights).sum(), (xi, *module.parameters()))))
+    for other in grads[1:]:
+        for got, want in zip(other, grads[0], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    small = DepthwiseConv3d(channels=2, kernel_size=3).double()
+    assert torch.autograd.gradcheck(small, (torch.randn(1, 2, 3, 3, 2, dtype=torch.float64, requires_grad=True),))
+    with pytest.raises(ValueError, match="odd"):
+        DepthwiseConv3d(channels=2, kernel_size=4)

@@ -94,6 +94,7 @@ def test_drop_path_drops_whole_samples():
         ({"mlp_ratio": 0.0}, "mlp_ratio"),
         ({"num_heads": 3}, "divisible by num_heads"),
         ({"topk": 9}, "topk"),
+        ({"backend": "dense"}, "backend must be one of"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, match):
@@ -104,3 +105,43 @@ def test_invalid_arguments_raise(kwargs, match):
 def test_wrong_input_raises():
     with pytest.raises(ValueError, match="C=8"):
         VBRABlock(dim=8, num_heads=2, regions_per_side=2, topk=2)(torch.randn(1, 4, 4, 4, 4))
+
+
+def test_checkpointing_gives_equal_outputs_and_gradients_and_keeps_less():
+    """Same values and gradients (DropPath included: the recomputation replays the random state); the block keeps
+    only its input for the backward instead of its activations."""
+    torch.manual_seed(0)
+    kwargs = dict(dim=8, num_heads=2, regions_per_side=2, topk=3, drop_path=0.5, lepe_kernel=3)
+    plain = VBRABlock(**kwargs).double()
+    ckpt = VBRABlock(**kwargs, checkpointing=True).double()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 8, 5, 4, 4, dtype=torch.float64)
+    results = []
+    for block in (plain, ckpt):
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved=saved) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)  # same DropPath draws
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = block(xi)
+        grads = torch.autograd.grad(out.square().sum(), (xi, *block.parameters()))
+        results.append((out, grads, sum(saved)))
+    (out_a, grads_a, saved_a), (out_b, grads_b, saved_b) = results
+    torch.testing.assert_close(out_b, out_a, atol=1e-12, rtol=0)
+    for got, want in zip(grads_b, grads_a, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert saved_b == x.numel()  # only the block input
+    assert saved_a > 10 * x.numel()
+    with torch.no_grad():  # no autograd: no checkpoint, same output
+        torch.manual_seed(1)
+        torch.testing.assert_close(ckpt(x), out_a, atol=1e-12, rtol=0)
+
+
+def test_backend_reaches_the_attention():
+    block = VBRABlock(dim=8, num_heads=2, regions_per_side=2, topk=2, backend="flex")
+    assert block.attn.backend == "flex"
+    assert VBRABlock(dim=8, num_heads=2, regions_per_side=2, topk=2).attn.backend == "auto"

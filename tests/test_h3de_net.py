@@ -371,3 +371,43 @@ def test_model_flops_of_a_vbra_block() -> None:
     expected = 2 * n * c * 27 + attention + 2 * 2 * n * c * 4 * c  # position conv, attention, MLP C → 4C → C
     block = VBRABlock(dim=c, num_heads=2, regions_per_side=2, topk=2, lepe_kernel=3).eval()
     assert model_flops(block, (1, c, 4, 4, 4)) == expected
+
+
+def test_checkpointing_gives_equal_gradients_on_a_small_config() -> None:
+    """Checkpointed stages and decoder levels (recomputed in the backward): same loss and gradients, and the
+    backward keeps a fraction of the activations."""
+    torch.manual_seed(0)
+    plain = micro(drop_path=0.3)
+    ckpt = micro(drop_path=0.3, checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 64, 32, 32)
+    results = []
+    for model in (plain, ckpt):
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved=saved) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        torch.manual_seed(1)  # same DropPath draws
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x).square().mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, sum(saved)))
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results
+    # The recomputation repeats the same float32 operations: equal up to summation order in the backward.
+    torch.testing.assert_close(loss_b, loss_a, atol=0, rtol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-7, rtol=1e-5, msg=name)
+    assert saved_b < 0.3 * saved_a  # segment inputs only (28 % here)
+
+
+def test_checkpointing_and_attention_backend_are_preset_options() -> None:
+    assert get_preset("paper").checkpointing is False and get_preset("paper").attention_backend == "auto"
+    model = H3DENet.from_preset("tiny", checkpointing=True, attention_backend="gather")
+    assert model.checkpointing
+    blocks = [m for m in model.modules() if isinstance(m, VBRABlock)]
+    assert blocks and all(b.attn.backend == "gather" for b in blocks)
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        micro(attention_backend="sparse")

@@ -291,3 +291,167 @@ def test_routing_and_attention_scales():
 
     assert routing_scale(64) == 0.125  # eq. 3: 1/sqrt(qk_dim)
     assert attention_scale(64, 4) == 0.25  # eq. 4: 1/sqrt(qk_dim / M)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# STEP 3 implementations: CPU flash path with regathering backward, block-sparse flex path, backend choice
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _padded_valid(num_regions: int = 6, tokens: int = 5) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    valid = torch.rand(num_regions, tokens, generator=generator) > 0.3
+    valid[:, 0] = True
+    valid[num_regions - 1] = False  # a region of pure padding
+    return valid
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("chunk", [1, 5, None])
+def test_cpu_flash_path_equals_plain_autograd_values_and_gradients(masked, chunk):
+    """The CPU path (custom backward that regathers) against the readable gather path and the einsum reference."""
+    from h3de_lite.layers.routing import _RoutedFlashAttentionCPU, gather_attention
+
+    q, kv = _routing_inputs()
+    q.requires_grad_()
+    kv.requires_grad_()
+    valid = _padded_valid() if masked else None
+    kwargs = dict(num_heads=2, topk=3, scale=0.5, routing_scale=0.35, valid=valid)
+    out, indices, _ = regional_routing_attention(q, kv, query_chunk=chunk, **kwargs)
+    assert out.grad_fn.next_functions[0][0].name() == "_RoutedFlashAttentionCPUBackward"  # the fast path ran
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    grads = torch.autograd.grad((out * weights).sum(), (q, kv))
+
+    rows = (indices + torch.arange(2)[:, None, None] * 6).reshape(12, 3)
+    mask = None if valid is None else gather_key_mask(valid, indices).reshape(12, 15)
+    for fused in (True, False):  # plain autograd through SDPA, and the written-out reference
+        expected = gather_attention(
+            q.reshape(12, 5, 8),
+            kv.reshape(12, 5, 16),
+            rows,
+            num_heads=2,
+            scale=0.5,
+            key_mask=mask,
+            fused=fused,
+            query_chunk=12,
+        ).reshape(out.shape)
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+        expected_grads = torch.autograd.grad((expected * weights).sum(), (q, kv))
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert issubclass(_RoutedFlashAttentionCPU, torch.autograd.Function)
+
+
+def test_cpu_flash_path_keeps_no_gathered_keys_for_the_backward():
+    """Autograd through the gather keeps k copies of the routed keys/values; the CPU path keeps q, kv, out, lse."""
+    q, kv = _routing_inputs(num_regions=8, tokens=16)
+    q.requires_grad_()
+    kv.requires_grad_()
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _, _ = regional_routing_attention(q, kv, num_heads=2, topk=4, scale=0.5, routing_scale=0.35)
+    gathered = 4 * kv.numel() * kv.element_size()  # k copies of kv: what plain autograd keeps
+    assert sum(saved) < gathered
+    # q, kv, out and lse (M·B·R·T) plus the routed rows: nothing of size k·kv.
+    expected = (q.numel() + kv.numel() + out.numel() + 2 * 8 * 16 * 2) * 8 + 2 * 8 * 4 * 8
+    assert sum(saved) == expected
+
+
+@pytest.mark.parametrize("topk", [2, 6])  # 6 = all regions
+@pytest.mark.parametrize("masked", [False, True])
+def test_flex_path_equals_gather_path_float32(topk, masked):
+    from h3de_lite.layers.routing import flex_routed_attention
+
+    q, kv = (t.float() for t in _routing_inputs())
+    valid = _padded_valid() if masked else None
+    kwargs = dict(num_heads=2, topk=topk, scale=0.5, routing_scale=0.35, valid=valid)
+    with torch.no_grad():
+        expected, indices, _ = regional_routing_attention(q, kv, backend="gather", **kwargs)
+        got = flex_routed_attention(q, kv, indices, num_heads=2, scale=0.5, valid=valid, compiled=False)
+    assert got.shape == expected.shape == (2, 6, 5, 8)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_flex_path_with_all_regions_is_dense_attention():
+    """k = R over padded regions: plain attention over the real tokens, computed here by hand."""
+    from h3de_lite.layers.routing import flex_routed_attention
+
+    q, kv = _routing_inputs(batch=1)
+    valid = _padded_valid()
+    indices = torch.arange(6).repeat(1, 6, 1)  # (1, 6, 6) every region sees every region
+    got = flex_routed_attention(q, kv, indices, num_heads=2, scale=0.5, valid=valid, compiled=False)
+    keys, values = kv[0].reshape(30, 16)[valid.reshape(-1)].split([8, 8], dim=-1)  # real keys only
+    queries = q[0].reshape(30, 8)
+    for head in range(2):
+        c = slice(4 * head, 4 * head + 4)
+        weights = torch.softmax(queries[:, c] @ keys[:, c].T * 0.5, dim=-1)
+        torch.testing.assert_close(got[0].reshape(30, 8)[:, c], weights @ values[:, c], atol=1e-12, rtol=0)
+
+
+def test_routed_block_mask_marks_full_and_partial_blocks():
+    from h3de_lite.layers.routing import routed_block_mask
+
+    indices = torch.tensor([[[1, 2], [0, 2], [2, 1]]])  # (B=1, R=3, k=2)
+    real = torch.tensor([[True, True], [True, False], [True, True]])  # region 1 holds a padding token
+    mask = routed_block_mask(indices, real, 2)
+    assert mask.shape == (1, 1, 6, 6) and mask.BLOCK_SIZE == (2, 2)
+    assert mask.full_kv_num_blocks[0, 0].tolist() == [1, 2, 1]  # routed regions without padding
+    assert mask.kv_num_blocks[0, 0].tolist() == [1, 0, 1]  # routed regions with padding (region 1)
+    assert mask.kv_indices[0, 0, 0, 0].item() == 1 and mask.full_kv_indices[0, 0, 0, 0].item() == 2
+    b, h = torch.tensor(0), torch.tensor(0)
+    allowed = torch.tensor(
+        [[bool(mask.mask_mod(b, h, torch.tensor(i), torch.tensor(j))) for j in range(6)] for i in range(6)]
+    )
+    by_hand = torch.tensor(
+        [
+            [0, 0, 1, 0, 1, 1],  # query region 0 → regions 1 (token 3 is padding) and 2
+            [0, 0, 1, 0, 1, 1],
+            [1, 1, 0, 0, 1, 1],  # query region 1 → regions 0 and 2
+            [1, 1, 0, 0, 1, 1],
+            [0, 0, 1, 0, 1, 1],  # query region 2 → regions 2 and 1
+            [0, 0, 1, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(allowed, by_hand)
+
+
+def test_flex_path_refuses_to_train_on_cpu():
+    from h3de_lite.layers.routing import flex_routed_attention
+
+    q, kv = (t.float().requires_grad_() for t in _routing_inputs())
+    indices = torch.zeros(2, 6, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="cannot train on CPU"):
+        flex_routed_attention(q, kv, indices, num_heads=2, scale=0.5)
+
+
+def test_flex_block_size():
+    from h3de_lite.layers.routing import flex_block_size
+
+    assert flex_block_size(37, "cpu") == 37  # a block is one region
+    assert [flex_block_size(t, "cuda") for t in (1, 64, 128, 129, 512)] == [128, 128, 128, 256, 512]
+
+
+def test_backend_names_and_auto_rule():
+    from h3de_lite.layers.routing import check_backend, fastest, resolve_backend
+
+    assert check_backend("gather") == "gather"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        check_backend("sparse")
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", key=("k",), device=cpu, candidates={}) == "gather"  # the CPU rule
+    assert resolve_backend("flex", key=("k",), device=cpu, candidates={}) == "flex"
+
+    def broken() -> None:
+        raise RuntimeError("no Triton")
+
+    import time as _time
+
+    race = {"gather": lambda: _time.sleep(0.02), "flex": lambda: None, "other": broken}
+    assert fastest(race, synchronize=lambda: None, repeats=2) == "flex"
+    assert fastest({"other": broken}, synchronize=lambda: None) is None

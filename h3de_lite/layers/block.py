@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from h3de_lite.layers.attention import BiLevelRoutingAttention3d
+from h3de_lite.layers.attention import BiLevelRoutingAttention3d, DepthwiseConv3d
 
 __all__ = ["DropPath", "Mlp", "VBRABlock"]
 
@@ -94,6 +95,11 @@ class VBRABlock(nn.Module):
         lepe_kernel: LePE depthwise kernel inside the attention (odd, 0 disables).
         norm_layer: normalisation class over channels, built as ``norm_layer(dim)``.
         act_layer: MLP activation class.
+        backend: STEP 3 implementation of the attention, ``"gather"``, ``"flex"`` or ``"auto"``
+            (:class:`~h3de_lite.layers.attention.BiLevelRoutingAttention3d`).
+        checkpointing: activation checkpointing while training: the block keeps only its input for the backward
+            and recomputes its activations there (``torch.utils.checkpoint``, non-reentrant; same values and
+            gradients, about one more forward of compute, much less memory).
 
     Shape:
         ``(B, C, D, H, W)`` → ``(B, C, D, H, W)``.
@@ -119,13 +125,15 @@ class VBRABlock(nn.Module):
         lepe_kernel: int = 5,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         act_layer: type[nn.Module] = nn.GELU,
+        backend: str = "auto",
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
-        self.pos_embed = nn.Conv3d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.pos_embed = DepthwiseConv3d(channels=dim, kernel_size=3)
         self.norm1 = norm_layer(dim)
         self.attn = BiLevelRoutingAttention3d(
             dim=dim,
@@ -134,15 +142,23 @@ class VBRABlock(nn.Module):
             topk=topk,
             qk_dim=qk_dim,
             lepe_kernel=lepe_kernel,
+            backend=backend,
         )
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim=dim, hidden_dim=max(1, round(dim * mlp_ratio)), act_layer=act_layer)
         self.drop_path = DropPath(drop_prob=drop_path) if drop_path > 0 else nn.Identity()
+        self.checkpointing = checkpointing
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, D, H, W)`` → ``(B, C, D, H, W)``."""
         if x.ndim != 5 or x.shape[1] != self.attn.dim:
             raise ValueError(f"VBRABlock expects (B, C={self.attn.dim}, D, H, W), got shape {tuple(x.shape)}")
+        if self.checkpointing and torch.is_grad_enabled():
+            # Recomputed in the backward with the same random state (DropPath draws the same samples).
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         x = x + self.pos_embed(x)  # (B, C, D, H, W)
         x = x.permute(0, 2, 3, 4, 1)  # (B, D, H, W, C), channels last for LayerNorm / MLP / attention
         x = x + self.drop_path(self.attn.forward_channels_last(self.norm1(x)))

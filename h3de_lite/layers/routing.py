@@ -17,7 +17,12 @@ Fixes over the BiFormer / H3DE-Net legacy code:
 * the key/value gather indexes a flat ``(B·R, T, C)`` view with ``(B, R, k)`` region indices, so only the
   ``(B, R, k·T, C)`` result is allocated (never a ``(B, R, R, T, C)`` expansion), keys and values in one go;
 * the token attention runs over chunks of query regions, which bounds the gathered memory; heads stay side by side in
-  the channels and reach ``F.scaled_dot_product_attention`` as strided views, without copies.
+  the channels and reach ``F.scaled_dot_product_attention`` as strided views, without copies;
+* on CPU the backward gathers each chunk again instead of keeping every gathered key and value
+  (:class:`_RoutedFlashAttentionCPU`): training keeps no k-fold copy of the keys and values.
+
+STEP 3 has a second implementation without any gather: one block-sparse ``flex_attention`` call whose BlockMask is
+the routing (:func:`flex_routed_attention`); ``backend="auto"`` picks between the two (:func:`resolve_backend`).
 
 Symbols: B batch, M heads, R regions, T tokens per region, k top-k, c channels per head, n query regions of a chunk.
 
@@ -27,6 +32,8 @@ Explained in notebooks/03_attention.ipynb.
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -37,10 +44,17 @@ from torch import Tensor
 
 __all__ = [
     "AUTO_CHUNK_BYTES",
+    "BACKENDS",
+    "CUDA_FLEX_BLOCK",
     "RegionLayout",
     "Routing",
     "attention_scale",
     "auto_query_chunk",
+    "check_backend",
+    "fastest",
+    "flex_block_size",
+    "flex_routed_attention",
+    "gather_attention",
     "gather_key_mask",
     "gather_regions",
     "make_layout",
@@ -51,7 +65,9 @@ __all__ = [
     "partition_regions",
     "region_means",
     "regional_routing_attention",
+    "resolve_backend",
     "route_regions",
+    "routed_block_mask",
     "routing_scale",
     "token_attention_fused",
     "token_attention_reference",
@@ -498,6 +514,445 @@ def auto_query_chunk(
     return max(1, min(num_query_regions, budget // per_region))
 
 
+def _chunks(total: int, size: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(total)`` in pieces of ``size``."""
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    """``(n, L, M·c)`` → ``(M, n, L, c)`` view: heads become SDPA's batch axis, regions its head axis."""
+    return rearrange(x, "n l (m c) -> m n l c", m=num_heads)
+
+
+def _unheads(x: Tensor) -> Tensor:
+    """Inverse of :func:`_heads`: ``(M, n, L, c)`` → ``(n, L, M·c)`` (a view when the heads sit in the channels)."""
+    return rearrange(x, "m n l c -> n l (m c)")
+
+
+def gather_attention(
+    q: Tensor,
+    kv: Tensor,
+    rows: Tensor,
+    *,
+    num_heads: int,
+    scale: float,
+    key_mask: Tensor | None = None,
+    fused: bool = True,
+    query_chunk: int,
+    gather: Callable[[Tensor, Tensor], Tensor] = gather_regions,
+) -> Tensor:
+    """STEP 3, the readable gather path: per chunk of query regions, gather the routed keys/values, then attend.
+
+    Plain autograd: while autograd records, the backward keeps every chunk's gathered keys and values. On CPU,
+    :func:`regional_routing_attention` runs the same computation through :class:`_RoutedFlashAttentionCPU`, which
+    keeps none of them (tested equal, values and gradients).
+
+    Args:
+        q: ``(N, T, M·c)`` queries of all N = B·R query regions.
+        kv: ``(N, T, M·c + M·c_v)`` keys then values, rows of the same N regions.
+        rows: ``(N, k)`` long, the kv rows (regions, batch offsets included) routed to each query region.
+        num_heads: M.
+        scale: ``1/√c`` (eq. 4).
+        key_mask: ``(N, k·T)`` bool, True for real gathered keys; None when nothing is padded.
+        fused: :func:`token_attention_fused` (True) or :func:`token_attention_reference` (False).
+        query_chunk: query regions per chunk.
+        gather: :func:`gather_regions` or :func:`naive_gather`.
+
+    Shape:
+        → ``(N, T, M·c_v)``.
+
+    Example:
+        >>> rows = torch.tensor([[0, 1], [1, 2], [2, 0]])
+        >>> gather_attention(torch.randn(3, 4, 8), torch.randn(3, 4, 16), rows, num_heads=2, scale=0.5,
+        ...                  query_chunk=2).shape
+        torch.Size([3, 4, 8])
+    """
+    num_queries, tokens, qk_channels = q.shape
+    attend = token_attention_fused if fused else token_attention_reference
+    flat_kv = kv[None]  # (1, N, T, M·(c + c_v)): one "batch" whose regions are all rows
+    chunks = _chunks(num_queries, query_chunk)
+    out = None if len(chunks) == 1 else q.new_empty((num_queries, tokens, kv.shape[-1] - qk_channels))
+    for start, stop in chunks:
+        kv_sel = gather(flat_kv, rows[None, start:stop])[0]  # (n, k·T, M·(c + c_v))
+        k_sel, v_sel = kv_sel.split([qk_channels, kv_sel.shape[-1] - qk_channels], dim=-1)  # split: no zero-filled
+        mask = None if key_mask is None else key_mask[start:stop]  # slice gradients in the backward
+        chunk_out = attend(q[start:stop], k_sel, v_sel, num_heads=num_heads, scale=scale, key_mask=mask)
+        del kv_sel, k_sel, v_sel  # free this chunk's gather before the next one is made
+        if out is None:
+            out = chunk_out
+        else:
+            out[start:stop] = chunk_out
+    return out
+
+
+def _additive_mask(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``(n, S)`` bool → ``(1, n, 1, S)`` additive mask (0 or −inf) in ``dtype``: the CPU kernel's mask format."""
+    if key_mask is None:
+        return None
+    return torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill_(~key_mask, float("-inf"))[
+        None, :, None, :
+    ]
+
+
+class _RoutedFlashAttentionCPU(torch.autograd.Function):
+    """STEP 3 on CPU through PyTorch's flash-attention kernel, with a backward that keeps no gathered tensor.
+
+    The forward gathers each chunk's keys and values into one reused buffer and calls
+    ``aten._scaled_dot_product_flash_attention_for_cpu``, keeping the output and the log-sum-exp. The backward gathers
+    each chunk again (a copy, far cheaper than attention), calls the kernel's backward, and adds the key/value
+    gradients back to their regions row by row. Memory: one chunk's gather at a time in both passes, against
+    all k·N gathered keys and values (plus their gradients) that plain autograd keeps. Same numbers as
+    :func:`gather_attention` with ``fused=True`` (tested, values and gradients).
+
+    Inputs as :func:`gather_attention`, with ``c_v == c`` (the kernel needs one head size).
+    """
+
+    @staticmethod
+    def forward(ctx, q, kv, rows, key_mask, num_heads, scale, query_chunk):  # noqa: ANN001, ANN205
+        num_queries, tokens, qk_channels = q.shape
+        topk = rows.shape[1]
+        kv_rows = kv.reshape(num_queries, -1)  # (N, T·M·(c + c_v)) one row per region
+        buffer = kv.new_empty((min(query_chunk, num_queries) * topk, kv_rows.shape[1]))  # reused by every chunk
+        out = q.new_empty((num_queries, tokens, qk_channels))  # (N, T, M·c)
+        lse = None
+        for start, stop in _chunks(num_queries, query_chunk):
+            k_sel, v_sel = _gather_chunk(
+                kv_rows,
+                rows[start:stop],
+                buffer,
+                kv_channels=kv.shape[-1],
+                qk_channels=qk_channels,
+                num_heads=num_heads,
+            )
+            mask = _additive_mask(None if key_mask is None else key_mask[start:stop], q.dtype)
+            chunk_out, chunk_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                _heads(q[start:stop], num_heads), k_sel, v_sel, 0.0, False, attn_mask=mask, scale=scale
+            )  # (M, n, T, c), (M, n, T)
+            out[start:stop] = _unheads(chunk_out)
+            if lse is None:
+                lse = chunk_lse.new_empty((num_heads, num_queries, tokens))
+            lse[:, start:stop] = chunk_lse
+        ctx.save_for_backward(q, kv, rows, key_mask, out, lse)
+        ctx.num_heads, ctx.scale, ctx.query_chunk = num_heads, scale, query_chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        q, kv, rows, key_mask, out, lse = ctx.saved_tensors
+        num_heads, scale, query_chunk = ctx.num_heads, ctx.scale, ctx.query_chunk
+        num_queries, tokens, qk_channels = q.shape
+        topk = rows.shape[1]
+        grad_out = grad_out.contiguous()
+        kv_rows = kv.reshape(num_queries, -1)
+        buffer = kv.new_empty((min(query_chunk, num_queries) * topk, kv_rows.shape[1]))
+        grad_q = torch.empty_like(q)
+        grad_kv = torch.zeros_like(kv)
+        grad_rows = grad_kv.view(num_queries, -1)  # (N, T·M·(c + c_v))
+        for start, stop in _chunks(num_queries, query_chunk):
+            k_sel, v_sel = _gather_chunk(
+                kv_rows,
+                rows[start:stop],
+                buffer,
+                kv_channels=kv.shape[-1],
+                qk_channels=qk_channels,
+                num_heads=num_heads,
+            )
+            mask = _additive_mask(None if key_mask is None else key_mask[start:stop], q.dtype)
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                _heads(grad_out[start:stop], num_heads),
+                _heads(q[start:stop], num_heads),
+                k_sel,
+                v_sel,
+                _heads(out[start:stop], num_heads),
+                lse[:, start:stop].contiguous(),
+                0.0,
+                False,
+                attn_mask=mask,
+                scale=scale,
+            )  # (M, n, T, c), (M, n, k·T, c) twice
+            grad_q[start:stop] = _unheads(dq)
+            grad_sel = torch.cat([_unheads(dk), _unheads(dv)], dim=-1)  # (n, k·T, M·(c + c_v))
+            # Add each gathered region's gradient back to its row. A loop of contiguous row additions: index_add_
+            # (scatter_add_ with an expanded index) is orders of magnitude slower on two threads in PyTorch 2.13.
+            picked_rows = rows[start:stop].reshape(-1).tolist()
+            for row, grad_row in zip(picked_rows, grad_sel.view((stop - start) * topk, -1), strict=True):
+                grad_rows[row].add_(grad_row)
+        return grad_q, grad_kv, None, None, None, None, None
+
+
+def _gather_chunk(
+    kv_rows: Tensor, rows: Tensor, buffer: Tensor, *, kv_channels: int, qk_channels: int, num_heads: int
+) -> tuple[Tensor, Tensor]:
+    """Gather the kv rows of one chunk into ``buffer``; return its keys and values as ``(M, n, k·T, c)`` views."""
+    n, topk = rows.shape
+    picked = torch.index_select(kv_rows, 0, rows.reshape(-1), out=buffer[: n * topk])  # (n·k, T·M·(c + c_v))
+    picked = picked.view(n, -1, kv_channels)  # (n, k·T, M·(c + c_v)): the k regions' tokens one after the other
+    k_sel, v_sel = picked.split([qk_channels, kv_channels - qk_channels], dim=-1)
+    return _heads(k_sel, num_heads), _heads(v_sel, num_heads)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# STEP 3 as block-sparse attention: flex_attention with a BlockMask made from the routing (no gather at all)
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: Token block of flex_attention's CUDA (Triton) kernels: regions are padded up to a multiple of it there.
+CUDA_FLEX_BLOCK: int = 128
+
+_COMPILED_FLEX: dict[str, Callable[..., Tensor]] = {}
+
+
+def flex_block_size(tokens_per_region: int, device: torch.device | str) -> int:
+    """Tokens per region after padding for :func:`flex_routed_attention`: the BlockMask block is one region.
+
+    On CPU the compiled kernel takes any block size, so a block is exactly the T tokens of a region. The CUDA
+    kernels tile the sequence in blocks of 128 tokens, so there regions are padded up to a multiple of
+    :data:`CUDA_FLEX_BLOCK` (padding tokens are masked); with small regions (T ≪ 128) that wastes work and
+    ``backend="auto"`` then measures the gather path as faster.
+
+    Args:
+        tokens_per_region: T.
+        device: where the attention runs.
+
+    Example:
+        >>> flex_block_size(64, "cpu"), flex_block_size(64, "cuda")
+        (64, 128)
+    """
+    if torch.device(device).type == "cuda":
+        return -(-tokens_per_region // CUDA_FLEX_BLOCK) * CUDA_FLEX_BLOCK
+    return tokens_per_region
+
+
+def routed_block_mask(indices: Tensor, real: Tensor | None, block: int):  # noqa: ANN201 (BlockMask, imported lazily)
+    """The routing as a ``flex_attention`` BlockMask over tokens in region order, one block per region.
+
+    Query block r may see key block j iff j is among the routed ``indices[b, r]``. A routed key region made only of
+    real tokens is a *full* block (no per-token mask); one holding padding is a *partial* block, where the mask
+    function drops the padded keys. The mask function encodes the whole rule (routing and padding), so
+    eager ``flex_attention``, which ignores the block structure and evaluates it on every (query, key) pair, gives
+    the same result as the compiled kernels, which skip unrouted blocks.
+
+    Args:
+        indices: ``(B, R, k)`` long routed key regions.
+        real: ``(R, block)`` bool, True for real tokens (padding included); None when nothing is padded.
+        block: tokens per region as laid out in the sequence (:func:`flex_block_size`).
+
+    Shape:
+        → a BlockMask of shape ``(B, 1, R·block, R·block)``.
+
+    Example:
+        >>> routed_block_mask(torch.tensor([[[0], [0]]]), None, 4).shape
+        (1, 1, 8, 8)
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch, num_regions, topk = indices.shape
+    routed = torch.zeros(batch, num_regions, num_regions, dtype=torch.bool, device=indices.device)
+    routed.scatter_(2, indices, True)  # (B, R_q, R_k) query region → key region
+    region_full = torch.ones(num_regions, dtype=torch.bool, device=indices.device) if real is None else real.all(dim=1)
+    full = region_full[indices]  # (B, R, k)
+    full_num = full.sum(dim=-1, dtype=torch.int32)  # (B, R)
+
+    def packed(first: Tensor) -> Tensor:
+        """Routed indices with the ``first`` ones moved to the front, padded with zeros to R columns."""
+        order = torch.argsort((~first).to(torch.int32), dim=-1, stable=True)
+        table = torch.zeros(batch, 1, num_regions, num_regions, dtype=torch.int32, device=indices.device)
+        table[:, 0, :, :topk] = indices.gather(-1, order).to(torch.int32)
+        return table  # (B, 1, R, R)
+
+    tokens_real = None if real is None else real.reshape(-1)  # (R·block,)
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        allowed = routed[b, q_idx // block, kv_idx // block]
+        return allowed if tokens_real is None else allowed & tokens_real[kv_idx]
+
+    return BlockMask.from_kv_blocks(
+        (topk - full_num)[:, None],  # partial blocks per query block
+        packed(~full),
+        full_num[:, None],
+        packed(full),
+        BLOCK_SIZE=(block, block),
+        mask_mod=mask_mod,
+    )
+
+
+def _flex_kernel(compiled: bool) -> Callable[..., Tensor]:
+    """``flex_attention`` itself (eager) or its ``torch.compile``\\ d version, compiled once per process."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not compiled:
+        return flex_attention
+    if "flex" not in _COMPILED_FLEX:
+        _COMPILED_FLEX["flex"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX["flex"]
+
+
+def flex_routed_attention(
+    q: Tensor,
+    kv: Tensor,
+    indices: Tensor,
+    *,
+    num_heads: int,
+    scale: float,
+    valid: Tensor | None = None,
+    compiled: bool | None = None,
+) -> Tensor:
+    """STEP 3 as one block-sparse ``flex_attention`` call: tokens in region order, blocks = regions, no gather.
+
+    The tokens of all regions form one sequence per volume, region after region (the ``(B, R, T, C)`` layout read
+    as ``(B, R·T, C)``), so that a BlockMask block is a region and :func:`routed_block_mask` lets each query region
+    attend to its k routed key regions only. Keys and values are read in place; nothing is gathered.
+
+    Which kernel runs (``compiled=None``): the compiled one (``torch.compile(flex_attention)``, compiled once per
+    shape), except for float64, which PyTorch's compiled CPU kernel does not take: there eager ``flex_attention``
+    runs, which materialises the full ``(R·T)²`` score matrix (fine for tests, not for large volumes). On CPU
+    ``flex_attention`` has no backward in PyTorch (eager or compiled), so this path is inference-only there.
+
+    Args:
+        q: ``(B, R, T, M·c)`` queries in regions.
+        kv: ``(B, R, T, M·c + M·c_v)`` keys then values in regions.
+        indices: ``(B, R, k)`` routed key regions.
+        num_heads: M.
+        scale: ``1/√c`` (eq. 4).
+        valid: ``(R, T)`` bool real-token mask; None when nothing is padded.
+        compiled: force the compiled (True) or eager (False) kernel; None: automatic (see above).
+
+    Raises:
+        ValueError: on CPU while autograd records (no CPU backward in PyTorch's flex_attention).
+
+    Shape:
+        → ``(B, R, T, M·c_v)``.
+
+    Example:
+        >>> idx = torch.tensor([[[0], [0]]])
+        >>> flex_routed_attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 16), idx, num_heads=2,
+        ...                       scale=0.5, compiled=False).shape
+        torch.Size([1, 2, 4, 8])
+    """
+    batch, num_regions, tokens, qk_channels = q.shape
+    if not torch.is_grad_enabled():
+        q, kv = q.detach(), kv.detach()
+    if q.device.type == "cpu" and (q.requires_grad or kv.requires_grad):
+        raise ValueError(
+            "backend='flex' cannot train on CPU: PyTorch's flex_attention has no CPU backward; use backend='gather' "
+            "or 'auto' for training on CPU, or run the flex path under torch.no_grad()"
+        )
+    if compiled is None:
+        compiled = q.dtype != torch.float64
+    block = flex_block_size(tokens, q.device)
+    real = valid
+    if block != tokens:  # pad every region's token axis up to the kernel block; the padding is masked as keys
+        real = torch.ones(num_regions, tokens, dtype=torch.bool, device=q.device) if valid is None else valid
+        real = F.pad(real, (0, block - tokens), value=False)  # (R, block)
+        q, kv = (F.pad(t, (0, 0, 0, block - tokens)) for t in (q, kv))  # (B, R, block, ·)
+    k, v = kv.split([qk_channels, kv.shape[-1] - qk_channels], dim=-1)
+    to_sequence = "b r t (m c) -> b m (r t) c"
+    q, k, v = (rearrange(t, to_sequence, m=num_heads) for t in (q, k, v))  # (B, M, R·block, c)
+    mask = routed_block_mask(indices, real, block)
+    with warnings.catch_warnings():
+        # eager flex warns that it is unfused; here that is the intended CPU training / test path.
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = _flex_kernel(compiled)(q, k, v, block_mask=mask, scale=scale)  # (B, M, R·block, c_v)
+    out = rearrange(out, "b m (r t) c -> b r t (m c)", r=num_regions)  # (B, R, block, M·c_v)
+    return out[:, :, :tokens]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# STEP 2 + STEP 3
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: STEP 3 implementations: ``gather`` (gather routed keys/values, dense attention per region), ``flex`` (block-sparse
+#: flex_attention), ``auto`` (see :func:`resolve_backend`).
+BACKENDS: tuple[str, ...] = ("gather", "flex", "auto")
+
+_AUTO_CHOICE: dict[tuple, str] = {}
+
+
+def check_backend(backend: str) -> str:
+    """Return ``backend`` if it is one of :data:`BACKENDS`, else raise ``ValueError`` naming the valid ones.
+
+    Example:
+        >>> check_backend("flex")
+        'flex'
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def fastest(
+    candidates: dict[str, Callable[[], object]], *, synchronize: Callable[[], None], repeats: int = 3
+) -> str | None:
+    """Name of the fastest candidate: one warm-up call each, then ``repeats`` timed calls; None if all raise.
+
+    A candidate that raises (e.g. flex_attention without a working Triton) is left out of the race.
+
+    Args:
+        candidates: name → a call to time.
+        synchronize: waits for queued device work (``torch.cuda.synchronize`` on CUDA).
+        repeats: timed calls per candidate.
+
+    Example:
+        >>> fastest({"quick": lambda: None, "slow": lambda: time.sleep(0.01)}, synchronize=lambda: None)
+        'quick'
+    """
+    timings: dict[str, float] = {}
+    for name, run in candidates.items():
+        try:
+            run()  # warm-up: flex compiles here
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            synchronize()
+            timings[name] = time.perf_counter() - start
+        except Exception:  # noqa: BLE001 - a failing candidate just leaves the race
+            continue
+    return min(timings, key=timings.__getitem__) if timings else None
+
+
+def resolve_backend(
+    backend: str, *, key: tuple, device: torch.device, candidates: dict[str, Callable[[], Tensor]]
+) -> str:
+    """Turn ``"auto"`` into ``"gather"`` or ``"flex"``; other names pass through.
+
+    The rule: on CPU, ``gather`` (PyTorch's flex_attention has no CPU backward, and its compiled CPU kernel
+    measured slower than the gather path in ``benchmarks/attention.py``). On CUDA the candidates race once under
+    ``torch.no_grad()`` (:func:`fastest`, forward only) and the winner is remembered for ``key`` (shapes, dtype,
+    device, k, padding) for the rest of the process.
+
+    Args:
+        backend: one of :data:`BACKENDS`.
+        key: what the choice depends on.
+        device: where the attention runs.
+        candidates: backend name → a call running STEP 3 with it.
+
+    Example:
+        >>> resolve_backend("auto", key=(), device=torch.device("cpu"), candidates={})
+        'gather'
+    """
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "gather"
+    if key not in _AUTO_CHOICE:
+        with torch.no_grad():
+            winner = fastest(candidates, synchronize=lambda: torch.cuda.synchronize(device))
+        _AUTO_CHOICE[key] = winner or "gather"
+    return _AUTO_CHOICE[key]
+
+
+def _cpu_flash_applies(q: Tensor, kv: Tensor, *, fused: bool, gather: Callable) -> bool:
+    """Whether STEP 3 can run through :class:`_RoutedFlashAttentionCPU` (same result as the readable path)."""
+    return (
+        fused
+        and gather is gather_regions
+        and q.device.type == "cpu"
+        and kv.shape[-1] == 2 * q.shape[-1]  # one head size for q, k and v: what the CPU flash kernel takes
+        and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
+
+
 def regional_routing_attention(
     q: Tensor,
     kv: Tensor,
@@ -510,11 +965,17 @@ def regional_routing_attention(
     fused: bool = True,
     query_chunk: int | None = None,
     gather: Callable[[Tensor, Tensor], Tensor] = gather_regions,
+    backend: str = "gather",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """STEP 2 and STEP 3 of V-BRA on region tensors: route regions (eq. 3), then attend token to token (eq. 4).
 
-    Keys and values travel side by side in ``kv`` so one gather serves both. Query regions of the whole batch are
-    processed in chunks of ``query_chunk``; only one chunk's gathered keys/values exist at a time.
+    STEP 3 has two implementations (``backend``), equal up to rounding:
+
+    * ``"gather"``: per chunk of ``query_chunk`` query regions, gather the k routed regions' keys and values (keys
+      and values side by side in ``kv``, so one gather serves both) and attend densely inside them
+      (:func:`gather_attention`). On CPU with ``fused=True`` the same runs through
+      :class:`_RoutedFlashAttentionCPU`, whose backward regathers chunk by chunk instead of keeping the gathers.
+    * ``"flex"``: one block-sparse ``flex_attention`` call, no gather (:func:`flex_routed_attention`).
 
     Args:
         q: ``(B, R, T, M·c)`` queries in regions, heads side by side in the channels.
@@ -524,12 +985,13 @@ def regional_routing_attention(
         scale: token attention scale of eq. 4, :func:`attention_scale` (``c ** -0.5``).
         routing_scale: region routing scale of eq. 3, :func:`routing_scale` (``(M·c) ** -0.5``).
         valid: ``(R, T)`` bool real-token mask from :func:`token_mask`; None when nothing is padded.
-        fused: use ``F.scaled_dot_product_attention`` (True) or the written-out reference (False).
-        query_chunk: query regions per chunk (over all B·R). None: when autograd records, one chunk (the backward
-            keeps every chunk's gather anyway); otherwise :func:`auto_query_chunk` with a budget of half the values'
-            size, capped at :data:`AUTO_CHUNK_BYTES`: the gather then adds at most half a copy of v to the peak
-            memory, which keeps V-BRA's peak below that of dense flash attention.
+        fused: use ``F.scaled_dot_product_attention`` (True) or the written-out reference (False); gather path only.
+        query_chunk: query regions per chunk of the gather path (over all B·R). None: :func:`auto_query_chunk`
+            with a budget of half the values' size, capped at :data:`AUTO_CHUNK_BYTES` (the gather then adds at
+            most half a copy of v to the peak memory) — except on the plain-autograd path while autograd records,
+            where it is one chunk (its backward keeps every chunk's gather anyway).
         gather: the key/value gather, :func:`gather_regions` (or :func:`naive_gather` to benchmark the legacy one).
+        backend: ``"gather"``, ``"flex"`` or ``"auto"`` (:func:`resolve_backend`).
 
     Shape:
         → output ``(B, R, T, M·c_v)``, indices ``(B, R, k)``, scores ``(B, R, k)``.
@@ -540,6 +1002,7 @@ def regional_routing_attention(
         >>> out.shape
         torch.Size([2, 8, 16, 8])
     """
+    check_backend(backend)
     batch, num_regions, tokens, qk_channels = q.shape
     v_channels = kv.shape[-1] - qk_channels
     # STEP 2: region-to-region routing on region means over real tokens (no gradient flows through the choice).
@@ -549,43 +1012,48 @@ def regional_routing_attention(
         key_valid = None if valid is None else valid.any(dim=1)  # (R,)
         indices, scores = route_regions(q_r, k_r, topk=topk, scale=routing_scale, key_valid=key_valid)
 
-    # STEP 3: token-to-token attention over the gathered key/value regions, chunked over the B·R query regions.
-    attend = token_attention_fused if fused else token_attention_reference
-    num_queries = batch * num_regions
-    if query_chunk is None and torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
-        query_chunk = num_queries
-    elif query_chunk is None:
-        query_chunk = auto_query_chunk(
-            num_query_regions=num_queries,
-            tokens_per_region=tokens,
-            topk=topk,
-            kv_channels=kv.shape[-1],
-            num_heads=num_heads,
-            element_size=kv.element_size(),
-            fused=fused,
-            budget=min(AUTO_CHUNK_BYTES, num_queries * tokens * v_channels * kv.element_size() // 2),
-        )
-    flat_q = q.reshape(num_queries, tokens, qk_channels)  # (B·R, T, M·c)
-    flat_kv = kv.reshape(1, num_queries, tokens, kv.shape[-1])  # (1, B·R, T, M·(c + c_v))
-    offsets = torch.arange(batch, device=indices.device)[:, None, None] * num_regions  # (B, 1, 1)
-    flat_indices = (indices + offsets).reshape(1, num_queries, topk)  # (1, B·R, k) rows of flat_kv
-    local_indices = indices.reshape(num_queries, topk)  # (B·R, k) region index within its own volume
-    chunks = [(start, min(start + query_chunk, num_queries)) for start in range(0, num_queries, query_chunk)]
-    out = None if len(chunks) == 1 else q.new_empty((num_queries, tokens, v_channels))  # (B·R, T, M·c_v)
-    for start, stop in chunks:
-        kv_sel = gather(flat_kv, flat_indices[:, start:stop])[0]  # (n, k·T, M·(c + c_v))
-        mask = None if valid is None else gather_key_mask(valid, local_indices[None, start:stop])[0]  # (n, k·T)
-        chunk_out = attend(
-            flat_q[start:stop],
-            kv_sel[..., :qk_channels],
-            kv_sel[..., qk_channels:],
-            num_heads=num_heads,
-            scale=scale,
-            key_mask=mask,
-        )  # (n, T, M·c_v)
-        del kv_sel  # free this chunk's gather before the next one is made
-        if out is None:
-            out = chunk_out
+    # STEP 3: token-to-token attention over the routed regions.
+    def run_flex() -> Tensor:
+        return flex_routed_attention(q, kv, indices, num_heads=num_heads, scale=scale, valid=valid)
+
+    def run_gather() -> Tensor:
+        num_queries = batch * num_regions
+        cpu_flash = _cpu_flash_applies(q, kv, fused=fused, gather=gather)
+        chunk = query_chunk
+        if chunk is None and not cpu_flash and torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+            chunk = num_queries
+        elif chunk is None:
+            chunk = auto_query_chunk(
+                num_query_regions=num_queries,
+                tokens_per_region=tokens,
+                topk=topk,
+                kv_channels=kv.shape[-1],
+                num_heads=num_heads,
+                element_size=kv.element_size(),
+                fused=fused,
+                budget=min(AUTO_CHUNK_BYTES, num_queries * tokens * v_channels * kv.element_size() // 2),
+            )
+        offsets = torch.arange(batch, device=indices.device)[:, None, None] * num_regions  # (B, 1, 1)
+        rows = (indices + offsets).reshape(num_queries, topk)  # (B·R, k) rows of the flattened kv
+        key_mask = None if valid is None else gather_key_mask(valid, indices).reshape(num_queries, topk * tokens)
+        flat_q = q.reshape(num_queries, tokens, qk_channels)  # (B·R, T, M·c)
+        flat_kv = kv.reshape(num_queries, tokens, kv.shape[-1])  # (B·R, T, M·(c + c_v))
+        if cpu_flash:
+            out = _RoutedFlashAttentionCPU.apply(flat_q, flat_kv, rows, key_mask, num_heads, scale, chunk)
         else:
-            out[start:stop] = chunk_out
-    return out.reshape(batch, num_regions, tokens, v_channels), indices, scores
+            out = gather_attention(
+                flat_q,
+                flat_kv,
+                rows,
+                num_heads=num_heads,
+                scale=scale,
+                key_mask=key_mask,
+                fused=fused,
+                query_chunk=chunk,
+                gather=gather,
+            )
+        return out.reshape(batch, num_regions, tokens, v_channels)
+
+    runs = {"gather": run_gather, "flex": run_flex}
+    key = (q.device, q.dtype, tuple(q.shape), tuple(kv.shape), num_heads, topk, valid is None)
+    return runs[resolve_backend(backend, key=key, device=q.device, candidates=runs)](), indices, scores

@@ -22,12 +22,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from h3de_lite.config import H3DENetConfig, get_preset
 from h3de_lite.layers.block import VBRABlock
 from h3de_lite.layers.conv import ConvNormAct, Downsample, ResidualConvBlock
 from h3de_lite.layers.fusion import ConcatFusion, FeatureFusionModule
+from h3de_lite.layers.routing import BACKENDS
 from h3de_lite.layers.super_resolution import SuperResolutionBlock, TrilinearUpsample
 
 __all__ = ["H3DENet", "count_parameters", "model_flops"]
@@ -118,6 +120,12 @@ class H3DENet(nn.Module):
         use_vbra: V-BRA stages as given (True) or all conv (False).
         head: ``"heatmap"`` or ``"anchor"``.
         anchors: ``"single"`` (n_a = 1) or ``"multi"`` (n_a = 3), for ``head="anchor"``.
+        attention_backend: STEP 3 of V-BRA, ``"gather"``, ``"flex"`` or ``"auto"`` (gather on CPU, the faster one
+            measured on CUDA); see :class:`~h3de_lite.layers.attention.BiLevelRoutingAttention3d`.
+        checkpointing: activation checkpointing while training: the stem, every encoder stage (V-BRA blocks
+            included) and every decoder level keep only their inputs for the backward and recompute their
+            activations there (``torch.utils.checkpoint``, non-reentrant): same values and gradients, about one
+            more forward pass of compute, and a fraction of the activation memory (book/benchmark_attention.md).
 
     Shape:
         - Input: ``(B, in_channels, D, H, W)`` with D, H, W multiples of 32, not all equal to 32.
@@ -153,6 +161,8 @@ class H3DENet(nn.Module):
         use_vbra: bool = True,
         head: str = "heatmap",
         anchors: str = "single",
+        attention_backend: str = "auto",
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         _check_positive_ints(
@@ -179,6 +189,8 @@ class H3DENet(nn.Module):
             raise ValueError(f"anchors must be one of {tuple(ANCHORS_PER_LOCATION)}, got {anchors!r}")
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
         for i, (kind, dim, heads) in enumerate(zip(stage_types, channels, num_heads, strict=True)):
             if kind == "vbra" and (not _is_int(heads) or heads < 1 or dim % heads):
                 raise ValueError(
@@ -191,6 +203,7 @@ class H3DENet(nn.Module):
         self.head_type = head
         self.anchors = anchors
         self.stage_types = tuple(stage_types)
+        self.checkpointing = checkpointing
         self.encoder_channels = (stem_channels, *channels)  # E_0 … E_5
         self.decoder_channels = self.encoder_channels[:-1]  # D_0 … D_4 (D_5 = E_5)
 
@@ -216,6 +229,7 @@ class H3DENet(nn.Module):
                             mlp_ratio=mlp_ratio,
                             drop_path=rates.pop(0),
                             lepe_kernel=lepe_kernel,
+                            backend=attention_backend,
                         )
                     )
                 else:
@@ -286,19 +300,29 @@ class H3DENet(nn.Module):
                 f"(D, H, W) = {sizes}; crop or pad to sizes such as {nearest} (e.g. 64, 96, 128)"
             )
 
+    def _segment(self, function: Any, *args: Any) -> Tensor:
+        """Run one stage or decoder level, through activation checkpointing when enabled and autograd records."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
+
+    def _decode_level(self, i: int, coarse: Tensor, skip: Tensor) -> Tensor:
+        """``D_i = Refine(Fusion(Up(D_{i+1}), E_i))`` (eq. 11)."""
+        up = self.upsamplers[i](coarse)  # (B, C_dec_i, D/2^i, H/2^i, W/2^i)
+        return self.refines[i](self.fusions[i](up, skip))
+
     def forward_encoder(self, x: Tensor) -> list[Tensor]:
         """Encoder features ``[E_0, …, E_5]``; E_i is ``(B, encoder_channels[i], D/2^i, H/2^i, W/2^i)``."""
-        features = [self.stem(x)]  # E_0 (eq. 9)
+        features = [self._segment(self.stem, x)]  # E_0 (eq. 9)
         for stage in self.stages:
-            features.append(stage(features[-1]))  # E_i = Stage_i(E_{i-1}) (eq. 10)
+            features.append(self._segment(stage, features[-1]))  # E_i = Stage_i(E_{i-1}) (eq. 10)
         return features
 
     def forward_decoder(self, features: Sequence[Tensor]) -> list[Tensor]:
         """Decoder features ``[D_0, …, D_5]`` from ``[E_0, …, E_5]``; D_i has E_i's resolution, D_5 = E_5."""
         decoded = [features[-1]]  # D_5, coarsest first while building
         for i in reversed(range(NUM_STAGES)):
-            up = self.upsamplers[i](decoded[-1])  # (B, C_dec_i, D/2^i, H/2^i, W/2^i)
-            decoded.append(self.refines[i](self.fusions[i](up, features[i])))  # D_i (eq. 11)
+            decoded.append(self._segment(self._decode_level, i, decoded[-1], features[i]))  # D_i (eq. 11)
         return decoded[::-1]
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
