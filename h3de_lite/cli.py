@@ -109,6 +109,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (auto: cuda, mps, then cpu)")
     add("--amp", action="store_true", help="mixed precision on CUDA: bfloat16 where supported, else float16 + scaler")
     add("--compile", action="store_true", help="torch.compile the model")
+    add("--checkpointing", action="store_true",
+        help="activation checkpointing of the stem, stages and decoder levels (H3DE-Net): about half the training "
+             "memory of the paper preset for some extra time")  # fmt: skip
     add("--seed", type=int, default=0, help="seed of weights, data order, crops and augmentation")
     add("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes")
     add("--checkpoint-every", type=_non_negative_int, default=0,
@@ -250,10 +253,14 @@ def _train(args: argparse.Namespace) -> int:
     recipe = recipe_for(args.preset)
     if args.model == "h3de":
         overrides = {key: value for key, value in (("head", args.head), ("anchors", args.anchors)) if value}
+        if args.checkpointing:
+            overrides["checkpointing"] = True
         spec: dict = {"kind": "h3de", "preset": args.preset, "overrides": overrides}
     else:
         if args.head == "anchor":
             raise ValueError(f"--head anchor needs --model h3de; the {args.model} baseline has a heatmap head only")
+        if args.checkpointing:
+            raise ValueError(f"--checkpointing needs --model h3de; the {args.model} baseline has no checkpointing")
         spec = {"kind": "baseline", "name": args.model, "size": "paper" if args.preset.startswith("paper") else "tiny"}
     crop = tuple(args.crop or recipe.crop or preset.input_size)
     if any(c % 32 for c in crop):

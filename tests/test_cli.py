@@ -200,6 +200,7 @@ def test_train_command_writes_a_run_and_refuses_to_mix_runs(
         (lambda d, t: _train_argv(d, t / "run", "--crop", "32", "32", "32"), "more than one voxel"),
         (lambda d, t: _train_argv(d, t / "run", "--model", "vnet", "--head", "anchor"), "needs --model h3de"),
         (lambda d, t: _train_argv(d, t / "run", "--resume", "--overwrite"), "only one"),
+        (lambda d, t: _train_argv(d, t / "run", "--model", "unet3d", "--checkpointing"), "needs --model h3de"),
         (lambda d, t: _train_argv(d, t / "run", "--subset", "incomplete"), "empty"),
     ],
 )
@@ -216,5 +217,5 @@ def test_train_help_explains_every_option(capsys: pytest.CaptureFixture[str]) ->
     text = capsys.readouterr().out
     for option in ("--data", "--out", "--preset", "--model", "--head", "--anchors", "--epochs", "--batch-size", "--lr",
                    "--crop", "--spacing", "--subset", "--device", "--amp", "--compile", "--seed", "--workers",
-                   "--resume", "--checkpoint-every", "--overwrite", "--loss", "--augment"):  # fmt: skip
+                   "--resume", "--checkpoint-every", "--overwrite", "--loss", "--augment", "--checkpointing"):  # fmt: skip
         assert option in text, option

@@ -411,3 +411,8 @@ def test_checkpointing_and_attention_backend_are_preset_options() -> None:
     assert blocks and all(b.attn.backend == "gather" for b in blocks)
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         micro(attention_backend="sparse")
+
+
+def test_presets_remember_their_input_size() -> None:
+    assert H3DENet.from_preset("tiny").input_size == (64, 64, 32)
+    assert H3DENet.from_preset("paper", head="anchor").input_size == (128, 128, 64)

@@ -1,4 +1,4 @@
-"""Make book/figures/phantom_molar.png: three orthogonal slices of phantom seed 0 through the right second molar crown.
+"""Make book/figures/phantom_molar.png: orthogonal slices of the v1 phantom (seed 0) through the right second molar.
 
 Run from anywhere: ``python book/scripts/make_phantom_figure.py`` (about 5 s on 2 CPU cores). The figure shows what
 the network sees: soft tissue grey, air black, bone bright, teeth brightest, with the landmarks within 3 mm of each
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output PNG")
     args = parser.parse_args()
 
-    case = generate_phantom(seed=args.seed)
+    case = generate_phantom(seed=args.seed, difficulty="v1")  # the figure of the v1 section
     centre = case.landmarks[LANDMARK_NAMES.index(args.landmark)]
     spacing = ", ".join(f"{s:.2f}" for s in case.spacing)
     fig = plot_orthogonal_slices(

@@ -267,8 +267,14 @@ class H3DENet(nn.Module):
 
     @classmethod
     def from_config(cls, config: H3DENetConfig) -> H3DENet:
-        """Build the network an :class:`~h3de_lite.config.H3DENetConfig` describes."""
-        return cls(**config.model_kwargs())
+        """Build the network an :class:`~h3de_lite.config.H3DENetConfig` describes.
+
+        The network remembers the crop its preset was sized for as ``input_size``, the default sliding-window size of
+        :func:`h3de_lite.inference.predict_volume`.
+        """
+        model = cls(**config.model_kwargs())
+        model.input_size = tuple(config.input_size)
+        return model
 
     @classmethod
     def from_preset(cls, name: str, num_landmarks: int = 14, **overrides: Any) -> H3DENet:
