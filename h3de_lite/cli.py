@@ -139,6 +139,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="presence threshold in [0, 1] on the decoder score (default: heatmaps place every landmark, eq. 2; the "
              "anchor head needs existence probability >= 0.5)")  # fmt: skip
     add("--method", default=None, choices=["subvoxel", "argmax"], help="heatmap decoding (default: the run's)")
+    add("--overlap", type=_fraction, default=0.5,
+        help="sliding-window overlap in [0, 1) (default 0.5: more accurate than 0.25, about twice the time)")  # fmt: skip
     add("--strategy", default="sliding", choices=["sliding", "coarse_to_fine"],
         help="whole-volume inference: Gaussian-blended sliding windows (default) or coarse-to-fine")  # fmt: skip
     add("--no-progress", action="store_true", help="hide the progress bar")
@@ -331,7 +333,7 @@ def _load_predictor(args: argparse.Namespace):  # -> h3de_lite.evaluation.Predic
     from h3de_lite.evaluation import load_predictor
 
     options = {"which": args.which, "device": args.device, "threshold": args.threshold, "method": args.method,
-               "strategy": args.strategy,
+               "strategy": args.strategy, "overlap": args.overlap,
                "amp": args.amp}  # fmt: skip
     if args.run is not None:
         return load_predictor(args.run, **options)

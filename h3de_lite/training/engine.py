@@ -281,6 +281,7 @@ def _validation_errors(
             net,
             item["image"],
             roi_size=roi_size,
+            overlap=0.25,  # cheaper than evaluation's default 0.5 (validation runs every epoch)
             method=config.val_method,
             threshold=0.0,
             device=device,
