@@ -46,7 +46,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from _rss import reset_peak, rss_kib  # benchmarks/_rss.py
 
 METHODS = ("dense", "naive", "gather", "flex")
 ACCEPT_GRID = (32, 32, 16)
@@ -91,13 +92,6 @@ def _build(method: str, cfg: dict):
     device = torch.device(cfg["device"])
     x = torch.randn(1, cfg["dim"], *cfg["grid"], device=device)
     return module.to(device), x
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def _sync(device: str) -> None:
@@ -188,10 +182,10 @@ def _memory_worker(cfg: dict) -> dict:
             torch.cuda.synchronize()
             result[f"{name}_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            base = _rss_kib("VmRSS")
+            reset_peak()  # reset VmHWM to the current RSS
+            base = rss_kib("VmRSS")
             steps[name]()
-            result[f"{name}_mb"] = (_rss_kib("VmHWM") - base) / 1024
+            result[f"{name}_mb"] = (rss_kib("VmHWM") - base) / 1024
     return {method: result}
 
 

@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _rss import reset_peak, rss_kib  # benchmarks/_rss.py
+
 ACCEPT_CUT = 0.30  # checkpointing must cut the step's peak memory by at least this fraction
 
 
@@ -54,13 +56,6 @@ def _parse_size(text: str) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------------------------------------
 # worker side
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def _setup(cfg: dict):
@@ -120,11 +115,11 @@ def _memory_worker(cfg: dict) -> dict:
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
         hwm_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        base = _rss_kib("VmRSS")
+        reset_peak()  # reset VmHWM to the current RSS
+        base = rss_kib("VmRSS")
         loss = step()
-        peak_mb = (_rss_kib("VmHWM") - base) / 1024
-        hwm_mb = _rss_kib("VmHWM") / 1024
+        peak_mb = (rss_kib("VmHWM") - base) / 1024
+        hwm_mb = rss_kib("VmHWM") / 1024
     grads = {name: p.grad.detach().cpu() for name, p in model.named_parameters() if p.grad is not None}
     torch.save({"loss": loss, "grads": grads}, cfg["grads_path"])
     return {"peak_mb": peak_mb, "hwm_mb": hwm_mb, "loss": loss}

@@ -72,6 +72,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _rss import reset_peak, rss_kib  # benchmarks/_rss.py
+
 #: crop groups: (preset / baseline size, default crop, default timed steps)
 GROUPS: dict[str, tuple[str, tuple[int, int, int], int]] = {
     "tiny": ("tiny", (64, 64, 32), 10),
@@ -105,13 +107,6 @@ def _fmt_crop(crop: Any) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # worker side: one model, one crop, one batch size, one kind of measurement
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def _sync(device: Any) -> None:
@@ -188,7 +183,7 @@ def _memory_base(device: Any) -> int:
     gc.collect()
     if torch.device(device).type == "cuda":
         return torch.cuda.memory_allocated()
-    return _rss_kib("VmRSS") * 1024
+    return rss_kib("VmRSS") * 1024
 
 
 def _reset_peak(device: Any) -> int:
@@ -200,8 +195,8 @@ def _reset_peak(device: Any) -> int:
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    return _rss_kib("VmRSS") * 1024
+    reset_peak()  # reset VmHWM to the current RSS
+    return rss_kib("VmRSS") * 1024
 
 
 def _peak(device: Any) -> tuple[int, int | None]:
@@ -211,7 +206,7 @@ def _peak(device: Any) -> tuple[int, int | None]:
     _sync(device)
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-    return _rss_kib("VmHWM") * 1024, None
+    return rss_kib("VmHWM") * 1024, None
 
 
 def _memory_result(base: int, state: int, peak: tuple[int, int | None]) -> dict:
@@ -294,8 +289,8 @@ def _inference_worker(cfg: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _rss_kib("VmRSS") * 1024
+        reset_peak()
+        base = rss_kib("VmRSS") * 1024
     times = []
     for _ in range(cfg["repeats"]):
         windows.clear()
@@ -305,7 +300,7 @@ def _inference_worker(cfg: dict) -> dict:
         )
         _sync(device)
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024) - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else rss_kib("VmHWM") * 1024) - base
     return {
         "seconds": statistics.median(times),
         "times_s": times,

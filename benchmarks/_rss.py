@@ -1,0 +1,24 @@
+"""Resident-memory readings shared by the benchmark scripts (Linux ``/proc``).
+
+The scripts run as ``python benchmarks/<name>.py`` (their folder is first on ``sys.path``), so they import this
+module as ``from _rss import rss_kib, reset_peak``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["reset_peak", "rss_kib"]
+
+
+def rss_kib(field: str) -> int:
+    """A memory field of ``/proc/self/status`` in KiB, e.g. ``"VmRSS"`` (now) or ``"VmHWM"`` (high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def reset_peak() -> None:
+    """Reset ``VmHWM`` to the current resident set size (``echo 5 > /proc/self/clear_refs``)."""
+    Path("/proc/self/clear_refs").write_text("5")
