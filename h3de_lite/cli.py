@@ -276,11 +276,10 @@ def _train(args: argparse.Namespace) -> int:
         "optimizer": args.optimizer,
         "heatmap_loss": args.loss,
         "sigma": args.sigma,
-        "patience": None if args.patience is None else (args.patience or None),
     }
     changes = {**recipe.train, **{key: value for key, value in given.items() if value is not None}}
-    if args.patience == 0:
-        changes["patience"] = None
+    if args.patience is not None:
+        changes["patience"] = args.patience or None  # 0: never stop early
     config = TrainConfig().replace(
         **changes,
         val_roi_size=tuple(args.val_roi) if args.val_roi else crop,
