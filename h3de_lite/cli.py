@@ -68,7 +68,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="train H3DE-Net or a baseline on an MML-layout dataset",
         description="Train on DIR/train, validate on whole volumes of DIR/val, write RUN_DIR/{config.json, "
         "history.json, last.pt, best.pt}. Options not given take the preset's recipe (h3de_lite.training.recipes): "
-        "tiny = the CPU recipe (1.5 mm, 64x64x32 crops, softmax_ce, 40 epochs), paper = the paper's setting. Under `torchrun --nproc_per_node N -m h3de_lite.cli train ...` the same "
+        "tiny = the CPU recipe (1.5 mm, 64x64x32 crops, spatial softmax with an absent class), paper = the paper's "
+        "setting. Under `torchrun --nproc_per_node N -m h3de_lite.cli train ...` the same "
         "command trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU); only rank 0 writes.",
     )
     add = train.add_argument
@@ -114,6 +115,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
              "memory of the paper preset for some extra time")  # fmt: skip
     add("--seed", type=int, default=0, help="seed of weights, data order, crops and augmentation")
     add("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes")
+    add("--val-every", type=_positive_int, default=None,
+        help="validate every N epochs (the last epoch always; default: the recipe's, 1 for paper presets)")  # fmt: skip
     add("--checkpoint-every", type=_non_negative_int, default=0,
         help="also write last.pt every N optimizer steps (0: at epoch ends only)")  # fmt: skip
     add("--patience", type=_non_negative_int, default=None,
@@ -276,6 +279,7 @@ def _train(args: argparse.Namespace) -> int:
         "optimizer": args.optimizer,
         "heatmap_loss": args.loss,
         "sigma": args.sigma,
+        "val_every": args.val_every,
     }
     changes = {**recipe.train, **{key: value for key, value in given.items() if value is not None}}
     if args.patience is not None:

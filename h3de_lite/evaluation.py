@@ -322,7 +322,9 @@ def load_predictor(
         roi_size = [max(32, math.ceil(int(c) / 32) * 32) for c in crop]
     names = LANDMARK_NAMES
     num = (config.get("model") or {}).get("num_landmarks", len(LANDMARK_NAMES))
-    if num != len(LANDMARK_NAMES):
+    if data.get("names"):  # runs on other landmark sets (e.g. the 32 AFIDs) record their names
+        names = tuple(str(n) for n in data["names"])
+    elif num != len(LANDMARK_NAMES):
         names = tuple(f"P{i}" for i in range(int(num)))
     return Predictor(
         model=model,

@@ -286,7 +286,7 @@ def anchor_based_loss(
 
 
 def heatmap_softmax_ce_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, present: torch.Tensor | None = None
+    logits: torch.Tensor, target: torch.Tensor, *, present: torch.Tensor | None = None, absent_class: bool = False
 ) -> torch.Tensor:
     """Spatial-softmax cross-entropy between heatmap logits and the Gaussian targets: an alternative to eq. 13.
 
@@ -307,14 +307,22 @@ def heatmap_softmax_ce_loss(
     :func:`h3de_lite.decoding.predict_landmarks` apply to the logits unchanged; for the sub-voxel refinement and a
     presence score in ``[0, 1]``, decode ``softmax`` (or ``exp``) of the logits, whose log is quadratic at the peak.
 
-    A channel whose target is all zero (a missing landmark) has no distribution and never counts: a softmax cannot
-    express "absent" (the anchor head's existence branch, eq. 15, does that).
+    A channel whose target is all zero (a missing landmark, or one outside the crop) has no distribution: without
+    ``absent_class`` it never counts, so nothing tells the network what to output where its landmark is not, and the
+    logits of windows without the landmark are not comparable with those of windows that hold it (a softmax is blind
+    to a constant added to all logits). Sliding-window inference then blends arbitrary peaks from the wrong windows.
+    With ``absent_class=True`` every channel gets one more outcome, "not in this input", with a fixed logit of 0:
+    ``p(v) = exp(z(v)) / (1 + Σ_u exp(z(u)))`` and ``p(absent) = 1 / (1 + Σ_u exp(z(u)))``. Present channels are
+    scored as before (their target puts no mass on "absent"), absent ones by ``-log p(absent)``, and every channel
+    counts. The logits are then anchored: ``exp(z)`` is a probability (times the constant normalisation), comparable
+    between windows, which is what blending ``exp(z)`` over sliding windows assumes.
 
     Args:
         logits: ``(B, L, D, H, W)`` heatmap logits (the anchor-free head's raw output).
         target: ``(B, L, D, H, W)`` non-negative Gaussian targets (eq. 1; all-zero channels for missing landmarks).
         present: optional ``(B, L)`` bool mask; only channels that are present count. Without it, every channel with
             a non-zero target counts. A present channel with an all-zero target raises ``ValueError``.
+        absent_class: add the "absent" outcome with logit 0; absent channels then count too (see above).
 
     Returns:
         Scalar tensor (zero, still attached to the graph, when no channel counts).
@@ -351,6 +359,13 @@ def heatmap_softmax_ce_loss(
                 f"heatmap_softmax_ce_loss: landmark (batch {b}, index {i}) is present but its target heatmap is all "
                 "zero; build the targets with gaussian_heatmaps from the same landmarks, or mark it missing"
             )
+    if absent_class:
+        # the "absent" outcome: a fixed logit 0 appended to every channel's D·H·W voxel logits
+        z = logits.flatten(2).float()
+        log_norm = torch.logsumexp(torch.cat([z, z.new_zeros(z.shape[:2] + (1,))], dim=-1), dim=-1)  # (B, L)
+        q = q / mass.clamp_min(torch.finfo(q.dtype).tiny)[..., None]
+        present_ce = log_norm - (q * z).sum(dim=-1)  # -Σ q log p over the voxels
+        return torch.where(mask, present_ce, log_norm).mean()  # absent: -log p(absent) = log_norm
     if not bool(mask.any()):
         return logits.sum() * 0.0
     q = q / mass.clamp_min(torch.finfo(q.dtype).tiny)[..., None]  # each channel sums to 1

@@ -2,25 +2,38 @@
 
 A packaged model is a stripped run folder under ``h3de_lite/weights/<name>/``: the run's ``config.json`` (model
 description, training settings and the ``"data"`` preprocessing block) and its ``best.pt`` (a checkpoint; only its
-``"model"`` state dict is read, so the optimizer and random states may be dropped to save space). ``h3de-lite evaluate
---pretrained NAME`` and ``h3de-lite predict --pretrained NAME`` go through :func:`load`. No weights ship yet, so
-:func:`available` returns ``[]`` and :func:`load` explains that.
+``"model"`` state dict is read: :func:`export` keeps that alone), its ``history.json``, a ``card.json`` (how the
+model was made: commands, data, time, hardware; the book's model cards read it) and a ``reference.json``: the
+predictions :func:`export` recorded on a generated phantom case, which :func:`reproduce` repeats (the test suite checks
+them to 1e-4 voxel). ``h3de-lite evaluate --pretrained NAME`` and ``h3de-lite predict --pretrained NAME`` go through
+:func:`load`.
 
 Explained in notebooks/07_evaluation.ipynb.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:  # evaluation imports this module lazily; keep the import one-way at run time
     from h3de_lite.evaluation import Predictor
 
-__all__ = ["WEIGHTS_DIR", "available", "weights_path", "load"]
+__all__ = ["WEIGHTS_DIR", "REFERENCE_CASE", "available", "weights_path", "load", "export", "reference_case", "reproduce"]
 
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
 """Folder holding one sub-folder per packaged model (``<name>/config.json`` + ``<name>/best.pt``)."""
+
+REFERENCE_CASE: dict[str, Any] = {"seed": 990_001, "shape": [96, 96, 64], "incomplete": True}
+"""The generated phantom v2 case (:func:`~h3de_lite.data.phantom.generate_phantom` arguments) whose predictions
+:func:`export` records and :func:`reproduce` repeats: small (a few seconds on a CPU), incomplete (so that absent
+landmarks are exercised too), and a seed no training or test set of the book uses."""
 
 
 def available() -> list[str]:
@@ -84,3 +97,120 @@ def load(name: str, **kwargs: Any) -> Predictor:
     from h3de_lite.evaluation import load_predictor
 
     return load_predictor(weights_path(name), **kwargs)
+
+
+def reference_case(spec: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """The volume, spacing and volume SHA-256 of the generated reference case (:data:`REFERENCE_CASE` by default).
+
+    Shape:
+        volume ``(D, H, W)`` float32 HU; spacing ``(3,)``.
+    """
+    spec = dict(REFERENCE_CASE if spec is None else spec)
+    volume, spacing, digest = _generated(int(spec["seed"]), tuple(int(s) for s in spec["shape"]), bool(spec["incomplete"]))
+    return volume.copy(), spacing.copy(), digest
+
+
+@functools.lru_cache(maxsize=2)
+def _generated(seed: int, shape: tuple[int, ...], incomplete: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    from h3de_lite.data.phantom import generate_phantom
+
+    case = generate_phantom(seed=seed, shape=shape, incomplete=incomplete)  # seconds: kept for the next call
+    volume = np.ascontiguousarray(case.volume, dtype=np.float32)
+    return volume, np.asarray(case.spacing, dtype=np.float64), hashlib.sha256(volume.tobytes()).hexdigest()
+
+
+def _predict_reference(source: str | Path, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    from h3de_lite.evaluation import load_predictor
+
+    volume, spacing, digest = reference_case(spec)
+    predictor = load_predictor(source, device="cpu")
+    coords, present, score = predictor.predict(volume, spacing)
+    return {
+        "case": dict(REFERENCE_CASE if spec is None else spec),
+        "volume_sha256": digest,
+        "overlap": predictor.overlap,
+        "strategy": predictor.strategy,
+        "coords": [[None if np.isnan(v) else float(v) for v in row] for row in coords],
+        "present": [bool(p) for p in present],
+        "score": [float(v) for v in score],
+    }
+
+
+def export(run_dir: str | Path, name: str, *, card: dict[str, Any], dest: str | Path | None = None) -> Path:
+    """Package a training run as the pretrained model ``name``: weights only, its config, history, card, reference.
+
+    Writes ``<dest>/<name>/`` (default :data:`WEIGHTS_DIR`): ``config.json`` and ``history.json`` copied from the run,
+    ``best.pt`` holding only ``{"model": state_dict}`` (the optimizer and random states are dropped), ``card.json``
+    (``card``: how the model was made, as the model-card page shows it) and ``reference.json`` (the predictions on
+    :data:`REFERENCE_CASE`, recorded here on the CPU). The folder is assembled beside the target and moved into place
+    at the end, so an interrupted export leaves the previous package (if any) intact.
+
+    Args:
+        run_dir: the run folder ``h3de-lite train`` wrote (``config.json``, ``history.json``, ``best.pt``).
+        name: package name (a folder name: letters, digits, ``-``, ``_``).
+        card: JSON-able description (commands, data seed and size, training time, hardware, notes).
+        dest: parent folder (default :data:`WEIGHTS_DIR`).
+
+    Returns:
+        The package folder.
+
+    Raises:
+        FileNotFoundError: the run has no ``config.json`` or ``best.pt``.
+        ValueError: a bad ``name``.
+
+    Shape:
+        not a tensor function.
+    """
+    import torch
+
+    from h3de_lite.training.checkpoint import load_checkpoint, write_json
+
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise ValueError(f"name must be a non-empty folder name of letters, digits, '-' and '_', got {name!r}")
+    run_dir = Path(run_dir)
+    for needed in ("config.json", "best.pt"):
+        if not (run_dir / needed).is_file():
+            raise FileNotFoundError(f"{str(run_dir / needed)!r} is missing; pass a finished run folder with validation")
+    parent = Path(WEIGHTS_DIR if dest is None else dest)
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = parent / f".{name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        shutil.copy2(run_dir / "config.json", staging / "config.json")
+        if (run_dir / "history.json").is_file():
+            shutil.copy2(run_dir / "history.json", staging / "history.json")
+        state = load_checkpoint(run_dir / "best.pt", map_location="cpu")["model"]
+        torch.save({"model": {k: v.detach().clone() for k, v in state.items()}}, staging / "best.pt")
+        write_json(staging / "card.json", card)
+        write_json(staging / "reference.json", _predict_reference(staging))
+        final = parent / name
+        old = parent / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def reproduce(name: str) -> dict[str, Any]:
+    """Predict the reference case again with the packaged model ``name``; returns what :func:`export` recorded
+    (``"recorded"``), the new predictions (``"now"``) and the largest coordinate difference in voxels (``"max_diff"``,
+    ``inf`` when presence differs).
+
+    Shape:
+        not a tensor function.
+    """
+    folder = weights_path(name)
+    recorded = json.loads((folder / "reference.json").read_text(encoding="utf-8"))
+    now = _predict_reference(folder, recorded["case"])
+    if now["present"] != recorded["present"]:
+        diff = float("inf")
+    else:
+        a = np.array(recorded["coords"], dtype=np.float64)
+        b = np.array(now["coords"], dtype=np.float64)
+        diff = float(np.nanmax(np.abs(a - b))) if np.isfinite(a).any() else 0.0
+    return {"recorded": recorded, "now": now, "max_diff": diff}

@@ -242,6 +242,28 @@ def test_heatmap_softmax_ce_minimum_is_target_entropy():
     assert logits.grad.abs().max().item() < 1e-6
 
 
+def test_heatmap_softmax_ce_absent_class_hand_computed():
+    from h3de_lite.losses import heatmap_softmax_ce_loss
+
+    # Channel 0 present: logits (0, ln 3) plus the absent logit 0 → p = (1/5, 3/5, 1/5); q = (1/2, 1/2, 0):
+    # CE = -(1/2 · ln 1/5 + 1/2 · ln 3/5). Channel 1 absent (zero target): logits (ln 2, ln 2) → p(absent) = 1/5,
+    # CE = ln 5. Both count.
+    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(2.0), math.log(2.0)]]]).reshape(1, 2, 1, 1, 2)
+    target = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]]).reshape(1, 2, 1, 1, 2)
+    ce0 = -(math.log(1 / 5) + math.log(3 / 5)) / 2
+    ce1 = math.log(5.0)
+    got = heatmap_softmax_ce_loss(logits, target, absent_class=True).item()
+    assert got == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+    # the mask decides what is absent: channel 0 declared absent is scored by -log p(absent) = ln 5 as well
+    present = torch.tensor([[False, False]])
+    assert heatmap_softmax_ce_loss(logits, target, present=present, absent_class=True).item() == pytest.approx(
+        (math.log(5.0) + ce1) / 2, rel=1e-6
+    )
+    # very negative logits say "absent" with certainty: the loss of an absent channel goes to 0
+    far = torch.full((1, 1, 2, 2, 2), -40.0)
+    assert heatmap_softmax_ce_loss(far, torch.zeros_like(far), absent_class=True).item() == pytest.approx(0, abs=1e-12)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

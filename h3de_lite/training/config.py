@@ -67,6 +67,9 @@ class TrainConfig:
         lambda_reg: λ of the anchor offset term (eq. 14, 17); anchor head only.
         lambda_cls: λ of the anchor existence term (eq. 15, 17); anchor head only.
         heatmap_loss: ``"mse"`` (eq. 13, the paper) or ``"softmax_ce"`` (faster CPU recipe, not the paper's).
+        absent_class: ``softmax_ce`` only: give every channel an "absent" outcome with logit 0, trained on landmarks
+            outside the crop or missing (:func:`~h3de_lite.losses.heatmap_softmax_ce_loss`); what makes the logits of
+            different sliding windows comparable. Ignored by ``mse``.
         sigma: standard deviation of the Gaussian targets (eq. 1), in ``sigma_units``.
         sigma_units: ``"voxels"`` or ``"mm"`` (round in millimetres, elliptical in voxels on anisotropic data).
         seed: seeds model-side randomness, the data order and the dataset's augmentation epochs.
@@ -109,6 +112,7 @@ class TrainConfig:
     lambda_reg: float = 1.0
     lambda_cls: float = 1.0
     heatmap_loss: str = "mse"
+    absent_class: bool = False
     sigma: float = 2.0
     sigma_units: str = "voxels"
     seed: int = 0

@@ -221,7 +221,7 @@ def training_losses(
     def heatmap_term(pred: torch.Tensor) -> torch.Tensor:
         if config.heatmap_loss == "mse":
             return anchor_free_loss(pred.float(), target)["heatmap"]
-        return heatmap_softmax_ce_loss(pred.float(), target, present=present)
+        return heatmap_softmax_ce_loss(pred.float(), target, present=present, absent_class=config.absent_class)
 
     if not isinstance(outputs, Mapping):
         term = heatmap_term(outputs) if needs_heatmaps else outputs.float().sum() * 0.0
