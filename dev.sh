@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # h3de-lite's two commands:
-#   bash dev.sh book   build the Jupyter Book into _build/html (notebooks executed at H3DE_SCALE, default "book")
+#   bash dev.sh book   build the Jupyter Book into _build/html: every notebook executed at H3DE_SCALE (default
+#                      "book"), every page re-read (--all), and any warning, a cell that raises included, fails the
+#                      build (-W --keep-going: all warnings are listed first, then the exit status is non-zero)
 #   bash dev.sh test   run the unit tests and the docstring examples of h3de_lite (--doctest-modules), and execute
 #                      every notebook with nbval (H3DE_SCALE, default "smoke")
 # Both create (first time) and reuse a virtual environment in .venv (override with H3DE_VENV), install CPU
 # torch 2.13.0 when the environment has no torch, and install this package editable with its test and book extras.
+# H3DE_INSTALL=0 installs nothing and uses an environment as it is: H3DE_VENV's, else the active one (conda, or a
+# venv shared by several checkouts, whose editable install must not be switched to this one).
+# CI (.github/workflows/ci.yml, through .ci/run) and the book deployment (.github/workflows/book.yml) run exactly these.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -18,6 +23,18 @@ quiet_pip() {
 }
 
 setup() {
+    if [ "${H3DE_INSTALL:-1}" = 0 ]; then
+        # Use an environment as it is: H3DE_VENV's if set (a venv or a conda prefix), else the active one.
+        if [ -n "${H3DE_VENV:-}" ]; then
+            if [ ! -x "$VENV/bin/python" ]; then
+                echo "dev.sh: H3DE_INSTALL=0 uses an existing environment, and $VENV/bin/python is missing" >&2
+                exit 2
+            fi
+            export PATH="$VENV/bin:$PATH"
+        fi
+        echo "dev.sh: H3DE_INSTALL=0, using $(command -v python) as it is"
+        return
+    fi
     if [ ! -x "$VENV/bin/python" ]; then
         local py="${PYTHON:-$(command -v python3.11 || command -v python3)}"
         echo "dev.sh: creating $VENV with $("$py" --version)"
@@ -41,6 +58,17 @@ setup() {
     fi
 }
 
+notebook_cache_key() {
+    # What the executed notebooks depend on besides their own code cells (which jupyter-cache hashes itself): the
+    # scale, the library, the installed packages. The key changes when any of them does.
+    {
+        echo "H3DE_SCALE=$H3DE_SCALE"
+        find h3de_lite -name "*.py" -type f | LC_ALL=C sort | xargs sha256sum
+        sha256sum pyproject.toml
+        python -m pip list --format=freeze --exclude-editable 2>/dev/null
+    } | sha256sum | cut -d " " -f 1
+}
+
 case "${1:-}" in
     test)
         shift
@@ -57,8 +85,20 @@ case "${1:-}" in
         shift
         setup
         export H3DE_SCALE="${H3DE_SCALE:-book}"
-        jupyter-book build . --path-output . "$@"
-        echo "dev.sh: open _build/html/index.html"
+        # jupyter-cache (_build/.jupyter_cache) reuses a notebook's outputs while its code cells are unchanged. It
+        # does not know the scale or the library, so it is emptied when they change: a book built at "smoke" never
+        # shows smoke outputs in a "book" build, and a library change re-executes every notebook.
+        cache="_build/.jupyter_cache"
+        key="$(notebook_cache_key)"
+        if [ -d "$cache" ] && [ "$(cat "$cache.key" 2>/dev/null)" != "$key" ]; then
+            echo "dev.sh: the scale, the library or the packages changed since the last build: re-executing every notebook"
+            rm -rf "$cache"
+        fi
+        mkdir -p _build
+        echo "$key" > "$cache.key"
+        start=$SECONDS
+        jupyter-book build . --path-output . --all -W --keep-going "$@"
+        echo "dev.sh: book built at H3DE_SCALE=$H3DE_SCALE in $((SECONDS - start)) s, no warnings; open _build/html/index.html"
         ;;
     *)
         echo "usage: bash dev.sh test [pytest args] | bash dev.sh book [jupyter-book args]" >&2
