@@ -375,7 +375,7 @@ def plot_mips(
     prediction: np.ndarray | None = None,
     names: Sequence[str] | None = None,
     spacing: Sequence[float] | None = None,
-    window: tuple[float, float] = _WINDOW,
+    window: tuple[float, float] | None = None,
     views: Sequence[str] = ("axial", "coronal"),
     pairs: bool = True,
     labels: bool = True,
@@ -397,7 +397,8 @@ def plot_mips(
         prediction: ``(L, 3)`` predicted voxel coordinates, ``NaN`` rows where predicted absent.
         names: landmark names (numbered when ``None``).
         spacing: ``(3,)`` voxel size in mm (physical aspect ratio); 1 mm when ``None``.
-        window: display range of intensities.
+        window: display range of intensities; ``None``: from the 1st to the 99.5th percentile of each projection
+            (a MIP is bright everywhere bone or metal lies on the ray, so a fixed CT window often saturates).
         views: projections to draw, among ``"axial"``, ``"coronal"``, ``"sagittal"``.
         pairs: join each truth to its prediction.
         labels: name the landmarks (once each, placed so that labels do not overlap).
@@ -422,7 +423,7 @@ def plot_mips(
     """
     volume = _volume3(volume)
     spacing_arr = _spacing3(spacing)
-    window = _window(window)
+    window = None if window is None else _window(window)
     views = list(views)
     unknown = [v for v in views if v not in _PANELS]
     if not views or unknown:
@@ -446,7 +447,8 @@ def plot_mips(
         image = volume.max(axis=fixed)
         if horizontal > vertical:
             image = image.T
-        _image_panel(ax, image, horizontal=horizontal, vertical=vertical, spacing=spacing_arr, window=window, cmap=cmap)
+        shown = window or (float(np.percentile(image, 1.0)), float(np.percentile(image, 99.5)) + 1e-6)
+        _image_panel(ax, image, horizontal=horizontal, vertical=vertical, spacing=spacing_arr, window=shown, cmap=cmap)
         ax.set_title(f"{view} MIP (max over axis {fixed})", fontsize=10)
         if names:
             _overlay(ax, truth=truth, prediction=pred, names=names, horizontal=horizontal, vertical=vertical,
@@ -848,8 +850,9 @@ def plot_existence_pr(
 
     Args:
         curves: ``{model name: existence_pr_curve(...)}``.
-        operating_points: ``{model name: threshold}`` marked with a dot on both panels (e.g. the decoder's default,
-            0.5 for the anchor head).
+        operating_points: ``{model name: threshold}`` marked with a dot on both panels, e.g. the decoder's default:
+            :data:`h3de_lite.decoding.ANCHOR_THRESHOLD` for the anchor head, ``-inf`` (everything present) for
+            heatmaps (:func:`existence_pr_curve_at`).
         prevalence: share of landmarks truly present: the precision of calling everything present, drawn as a
             dotted line on the left.
         title: figure title.
@@ -884,10 +887,9 @@ def plot_existence_pr(
                   gid=f"pr:{model}")  # fmt: skip
         right.plot(curve["threshold"], curve["f1"], color=color, lw=1.5, label=model, gid=f"f1:{model}")
         if operating_points and model in operating_points:
-            th = float(operating_points[model])
-            at = existence_pr_curve_at(curve, th)
-            left.plot(at["recall"], at["precision"], "o", color=color, ms=6, mec="black")
-            right.plot(th, at["f1"], "o", color=color, ms=6, mec="black")
+            at = existence_pr_curve_at(curve, float(operating_points[model]))
+            left.plot(at["recall"], at["precision"], "o", color=color, ms=6, mec="black", gid=f"operating:{model}")
+            right.plot(at["threshold"], at["f1"], "o", color=color, ms=6, mec="black")
     if prevalence is not None:
         left.axhline(float(prevalence), color="0.5", ls=":", lw=1.0, label="all called present")
     left.set_xlabel("recall of 'present'", fontsize=9)
@@ -909,7 +911,13 @@ def plot_existence_pr(
 
 
 def existence_pr_curve_at(curve: Mapping[str, np.ndarray], threshold: float) -> dict[str, float]:
-    """Precision, recall and F1 of ``curve`` at the largest swept threshold ``≤ threshold`` (its operating point).
+    """Precision, recall and F1 of ``curve`` when landmarks with ``score ≥ threshold`` are called present.
+
+    With the default sweep of :func:`existence_pr_curve` (every distinct score) this is exact: ``score ≥ threshold``
+    calls present the same landmarks as ``score ≥ t``, ``t`` the smallest swept threshold at or above
+    ``threshold``, whose row is returned (``"threshold"`` is that ``t``). A threshold above every score calls nothing
+    present: precision and F1 ``NaN``, recall 0. ``-inf`` gives the lowest swept threshold (everything present,
+    which is the heatmap decoder's default, eq. 2).
 
     Shape:
         not a tensor function.
@@ -917,11 +925,13 @@ def existence_pr_curve_at(curve: Mapping[str, np.ndarray], threshold: float) -> 
     Example:
         >>> curve = {"threshold": np.array([0.1, 0.5]), "precision": np.array([0.5, 1.0]),
         ...          "recall": np.array([1.0, 1.0]), "f1": np.array([0.67, 1.0])}
-        >>> existence_pr_curve_at(curve, 0.7)["precision"]
+        >>> existence_pr_curve_at(curve, 0.3)["precision"]
         1.0
     """
     thresholds = np.asarray(curve["threshold"], dtype=np.float64)
-    index = int(np.clip(np.searchsorted(thresholds, threshold, side="right") - 1, 0, len(thresholds) - 1))
+    index = int(np.searchsorted(thresholds, threshold, side="left"))
+    if index == len(thresholds):
+        return {"threshold": float(threshold), "precision": float("nan"), "recall": 0.0, "f1": float("nan")}
     return {key: float(np.asarray(curve[key])[index]) for key in ("threshold", "precision", "recall", "f1")}
 
 

@@ -150,6 +150,8 @@ def test_mips_project_the_maximum_and_every_landmark(volume: np.ndarray) -> None
     assert np.array_equal(axial.get_images()[0].get_array(), volume.max(axis=2).T)
     assert np.array_equal(coronal.get_images()[0].get_array(), volume.max(axis=1).T)
     assert coronal.get_aspect() == pytest.approx(2.0)
+    image = volume.max(axis=2)  # default window: 1st to 99.5th percentile of each projection
+    assert axial.get_images()[0].get_clim() == pytest.approx((np.percentile(image, 1.0), np.percentile(image, 99.5)))
     # both landmarks on both projections whatever their depth; the pair line joins truth to prediction
     for ax, (h, v) in ((axial, (0, 1)), (coronal, (0, 2))):
         assert set(_by_gid(ax, "truth:")) == {"truth:La", "truth:Ra"}
@@ -298,7 +300,10 @@ def test_existence_pr_curve_known_answer() -> None:
         assert p == pytest.approx(existence_scores(scores >= th, truth)["precision"])
     above = existence_pr_curve(scores, truth, thresholds=[0.95])
     assert np.isnan(above["precision"][0]) and above["recall"][0] == 0.0  # nothing called present
-    assert existence_pr_curve_at(curve, 0.5)["threshold"] == 0.3  # the largest swept threshold ≤ 0.5
+    at = existence_pr_curve_at(curve, 0.5)  # score ≥ 0.5 calls present what score ≥ 0.6 does
+    assert at["threshold"] == 0.6 and (at["precision"], at["recall"]) == (1.0, 0.75)
+    assert existence_pr_curve_at(curve, -np.inf)["recall"] == 1.0  # everything present
+    assert existence_pr_curve_at(curve, 0.95)["recall"] == 0.0
     with pytest.raises(ValueError, match="same shape"):
         existence_pr_curve(scores, truth[:, :2])
     with pytest.raises(ValueError, match="finite"):
@@ -315,6 +320,8 @@ def test_existence_pr_plot() -> None:
     defined = ~np.isnan(curve["precision"])
     assert list(pr.get_xdata()) == list(curve["recall"][defined])
     assert list(_by_gid(right, "f1:")["f1:anchor"].get_xdata()) == list(curve["threshold"])
+    dot = _by_gid(left, "operating:")["operating:anchor"]
+    assert (dot.get_xdata()[0], dot.get_ydata()[0]) == (0.75, 1.0)
     assert _png(fig).startswith(PNG)
     with pytest.raises(ValueError, match="lacks"):
         plot_existence_pr({"anchor": {"threshold": np.zeros(1)}})
