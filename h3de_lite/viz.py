@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib import patheffects
+from matplotlib import patheffects, ticker
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -691,11 +691,15 @@ def plot_error_distributions(
     ax.tick_params(axis="y", labelsize=8)
     if log:
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     else:
         ax.set_ylim(bottom=0)
     ax.grid(axis="y", alpha=0.3)
     if len(models) > 1:
-        ax.legend(handles=handles, fontsize=8, ncol=min(len(models), 3), loc="upper left", framealpha=0.85)
+        ax.legend(handles=handles, fontsize=8, ncol=min(len(models), 3), loc="upper center",
+                  bbox_to_anchor=(0.5, -0.16), frameon=False)  # below the axes: never over a box
     if title is not None:
         ax.set_title(title, fontsize=10)
     return fig
@@ -808,7 +812,9 @@ def existence_pr_curve(
         thresholds: thresholds to sweep (default: every distinct score, so the curve has every operating point).
 
     Returns:
-        ``{"threshold", "precision", "recall", "f1"}``, arrays of the same length, thresholds increasing.
+        ``{"threshold", "precision", "recall", "f1", "called"}``, arrays of the same length, thresholds increasing;
+        ``called`` is the share of all landmarks called present (comparable between models whose scores live on
+        different scales).
 
     Raises:
         ValueError: shapes differ, non-finite scores, or no threshold.
@@ -836,6 +842,7 @@ def existence_pr_curve(
         "precision": np.array([r["precision"] for r in rows]),
         "recall": np.array([r["recall"] for r in rows]),
         "f1": np.array([r["f1"] for r in rows]),
+        "called": np.array([float((s >= th).mean()) for th in grid]),
     }
 
 
@@ -846,7 +853,8 @@ def plot_existence_pr(
     prevalence: float | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Existence precision–recall as the threshold moves (left) and F1 against the threshold (right).
+    """Existence precision–recall as the threshold moves (left), and F1 against the share of landmarks called
+    present (right: the threshold's effect on a scale that every model shares, whatever its score's range).
 
     Args:
         curves: ``{model name: existence_pr_curve(...)}``.
@@ -875,7 +883,7 @@ def plot_existence_pr(
     if not curves:
         raise ValueError("curves is empty; pass {model name: existence_pr_curve(...)}")
     for model, curve in curves.items():
-        missing = {"threshold", "precision", "recall", "f1"} - set(curve)
+        missing = {"threshold", "precision", "recall", "f1", "called"} - set(curve)
         if missing:
             raise ValueError(f"curve of {model!r} lacks {sorted(missing)}; build it with existence_pr_curve")
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.8), constrained_layout=True)
@@ -885,11 +893,11 @@ def plot_existence_pr(
         defined = ~np.isnan(precision)
         left.step(recall[defined], precision[defined], where="post", color=color, lw=1.5, label=model,
                   gid=f"pr:{model}")  # fmt: skip
-        right.plot(curve["threshold"], curve["f1"], color=color, lw=1.5, label=model, gid=f"f1:{model}")
+        right.plot(curve["called"], curve["f1"], color=color, lw=1.5, label=model, gid=f"f1:{model}")
         if operating_points and model in operating_points:
             at = existence_pr_curve_at(curve, float(operating_points[model]))
             left.plot(at["recall"], at["precision"], "o", color=color, ms=6, mec="black", gid=f"operating:{model}")
-            right.plot(at["threshold"], at["f1"], "o", color=color, ms=6, mec="black")
+            right.plot(at["called"], at["f1"], "o", color=color, ms=6, mec="black")
     if prevalence is not None:
         left.axhline(float(prevalence), color="0.5", ls=":", lw=1.0, label="all called present")
     left.set_xlabel("recall of 'present'", fontsize=9)
@@ -897,10 +905,11 @@ def plot_existence_pr(
     left.set_xlim(-0.02, 1.02)
     left.set_ylim(-0.02, 1.02)
     left.set_title("precision–recall as the threshold moves", fontsize=10)
-    right.set_xlabel("threshold on the decoder score", fontsize=9)
+    right.set_xlabel("share of landmarks called present (threshold falls →)", fontsize=9)
     right.set_ylabel("F1", fontsize=9)
+    right.set_xlim(-0.02, 1.02)
     right.set_ylim(-0.02, 1.02)
-    right.set_title("F1 against the threshold", fontsize=10)
+    right.set_title("F1 as the threshold moves", fontsize=10)
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
@@ -931,8 +940,10 @@ def existence_pr_curve_at(curve: Mapping[str, np.ndarray], threshold: float) -> 
     thresholds = np.asarray(curve["threshold"], dtype=np.float64)
     index = int(np.searchsorted(thresholds, threshold, side="left"))
     if index == len(thresholds):
-        return {"threshold": float(threshold), "precision": float("nan"), "recall": 0.0, "f1": float("nan")}
-    return {key: float(np.asarray(curve[key])[index]) for key in ("threshold", "precision", "recall", "f1")}
+        return {"threshold": float(threshold), "precision": float("nan"), "recall": 0.0, "f1": float("nan"),
+                "called": 0.0}
+    keys = [key for key in ("threshold", "precision", "recall", "f1", "called") if key in curve]
+    return {key: float(np.asarray(curve[key])[index]) for key in keys}
 
 
 # ---------------------------------------------------------------------------------------------------- plotly 3D

@@ -295,7 +295,7 @@ def test_existence_pr_curve_known_answer() -> None:
     assert curve["threshold"].tolist() == [0.1, 0.2, 0.3, 0.6, 0.8, 0.9]
     # at 0.6: called present 0.9, 0.8, 0.6, all truly present → precision 1, recall 3/4
     i = curve["threshold"].tolist().index(0.6)
-    assert (curve["precision"][i], curve["recall"][i]) == (1.0, 0.75)
+    assert (curve["precision"][i], curve["recall"][i], curve["called"][i]) == (1.0, 0.75, 0.5)
     for th, p in zip(curve["threshold"], curve["precision"], strict=True):
         assert p == pytest.approx(existence_scores(scores >= th, truth)["precision"])
     above = existence_pr_curve(scores, truth, thresholds=[0.95])
@@ -319,7 +319,7 @@ def test_existence_pr_plot() -> None:
     pr = _by_gid(left, "pr:")["pr:anchor"]
     defined = ~np.isnan(curve["precision"])
     assert list(pr.get_xdata()) == list(curve["recall"][defined])
-    assert list(_by_gid(right, "f1:")["f1:anchor"].get_xdata()) == list(curve["threshold"])
+    assert list(_by_gid(right, "f1:")["f1:anchor"].get_xdata()) == list(curve["called"])  # share called present
     dot = _by_gid(left, "operating:")["operating:anchor"]
     assert (dot.get_xdata()[0], dot.get_ydata()[0]) == (0.75, 1.0)
     assert _png(fig).startswith(PNG)
