@@ -34,8 +34,10 @@ def main() -> None:
     case = generate_phantom(seed=args.seed, difficulty="v1")  # the figure of the v1 section
     centre = case.landmarks[LANDMARK_NAMES.index(args.landmark)]
     spacing = ", ".join(f"{s:.2f}" for s in case.spacing)
+    _, axes = plt.subplots(1, 3, figsize=(12.0, 4.6), constrained_layout=True)  # one row, as before
     fig = plot_orthogonal_slices(
         case.volume,
+        axes=axes,
         center=centre,
         landmarks=case.landmarks,
         names=case.names,
@@ -44,7 +46,6 @@ def main() -> None:
         title=f"Phantom head CT, seed {args.seed}: slices through {args.landmark} "
         f"(shape {case.volume.shape}, spacing {spacing} mm, window −450…2900 HU)",
     )
-    fig.set_size_inches(12.0, 4.6)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     plt.close(fig)
