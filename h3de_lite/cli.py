@@ -167,6 +167,8 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", type=Path, default=None, help="folder for the results (default: the run folder)")
     evaluate.add_argument("--paper", action="store_true",
                           help="also print the paper's Table I numbers, in their own labelled table")  # fmt: skip
+    evaluate.add_argument("--sdr", type=_positive_float, nargs="+", default=None, metavar="MM",
+                          help="SDR radii in mm (default: the paper's 2 2.5 3 4)")  # fmt: skip
 
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -360,7 +362,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {str(out)!r} is a file; pass a folder")
     find_cases(args.data, args.split)  # a bad dataset fails before the model loads
     predictor = _load_predictor(args)
-    result = evaluate(predictor, args.data, split=args.split, progress=not args.no_progress)
+    options = {} if args.sdr is None else {"thresholds": tuple(args.sdr)}
+    result = evaluate(predictor, args.data, split=args.split, progress=not args.no_progress, **options)
     paths = result.write(out, stem=_split_stem(args.split), paper=args.paper)
     print(result.table(paper=args.paper))
     print(f"wrote {paths['json']}, {paths['csv'].name} and {paths['md'].name}")

@@ -46,7 +46,14 @@ from h3de_lite.data.landmarks import LANDMARK_NAMES
 from h3de_lite.data.markups import MARKUPS_SCHEMA, read_markups
 from h3de_lite.data.mml import list_mml_cases, read_mml_case
 from h3de_lite.data.nifti import voxel_to_world, world_to_voxel
-from h3de_lite.data.transforms import DEFAULT_WINDOW, normalize_intensity, resample, spacing3, to_source_voxels
+from h3de_lite.data.transforms import (
+    DEFAULT_WINDOW,
+    normalize_intensity,
+    percentile_normalize,
+    resample,
+    spacing3,
+    to_source_voxels,
+)
 from h3de_lite.files import atomic_output
 from h3de_lite.metrics import DEFAULT_THRESHOLDS_MM, existence_scores, radial_errors, summarize
 
@@ -104,15 +111,19 @@ def _decoding_network(model: nn.Module, heatmap_loss: str) -> nn.Module:
 class Predictor:
     """A trained model in eval mode plus the preprocessing of its training run: one image in, landmarks out.
 
-    :meth:`predict` resamples the stored volume to ``spacing`` (if set), windows it to [0, 255] with ``window``, runs
-    :func:`h3de_lite.inference.predict_volume` on the whole volume and maps the result back to the stored volume's
-    voxel grid. It sees the image and its voxel size only, never landmarks.
+    :meth:`predict` resamples the stored volume to ``spacing`` (if set), maps it to [0, 255] (the HU ``window``, or
+    the volume's own ``percentiles`` for MRI), runs :func:`h3de_lite.inference.predict_volume` on the whole volume and
+    maps the result back to the stored volume's voxel grid. It sees the image and its voxel size only, never
+    landmarks.
 
     Args:
         model: heatmap model or anchor model (the engine's output contract), on its device, in eval mode.
         spacing: voxel size in mm the run trained at (``--spacing``), ``(3,)``; ``None``: the stored grid.
         window: HU window mapped to [0, 255] (:func:`~h3de_lite.data.transforms.normalize_intensity`); ``None``:
             the stored intensities already are in [0, 255].
+        percentiles: instead of ``window``, the volume's own ``(p0, p1)`` percentiles go to 0 and 255
+            (:func:`~h3de_lite.data.transforms.percentile_normalize`; images without a physical scale, e.g. T1w MRI,
+            as :class:`~h3de_lite.data.atlas.AtlasDataset` trains); ``None``: use ``window``.
         roi_size: sliding-window size ``(D, H, W)``; ``None``: the model's ``input_size``.
         heatmap_loss: the run's ``TrainConfig.heatmap_loss``; ``"softmax_ce"`` models decode ``exp(logits)``.
         method: heatmap decoding, ``"subvoxel"`` or ``"argmax"`` (eq. 2).
@@ -138,6 +149,7 @@ class Predictor:
     model: nn.Module
     spacing: tuple[float, float, float] | None = None
     window: tuple[float, float] | None = DEFAULT_WINDOW
+    percentiles: tuple[float, float] | None = None
     roi_size: tuple[int, int, int] | None = None
     heatmap_loss: str = "mse"
     method: str = "subvoxel"
@@ -155,6 +167,10 @@ class Predictor:
             window = tuple(float(w) for w in self.window)
             normalize_intensity(np.zeros(1), window=window)  # validates (low < high, finite)
             object.__setattr__(self, "window", window)
+        if self.percentiles is not None:
+            percentiles = tuple(float(p) for p in self.percentiles)
+            percentile_normalize(np.zeros(2), percentiles=percentiles)  # validates (0 <= p0 < p1 <= 100)
+            object.__setattr__(self, "percentiles", percentiles)
         if self.roi_size is not None:
             object.__setattr__(self, "roi_size", tuple(int(s) for s in self.roi_size))
         if self.heatmap_loss not in ("mse", "softmax_ce"):
@@ -190,8 +206,10 @@ class Predictor:
         # STEP 1: the image alone (a Case without landmarks), resampled to the run's voxel size
         image_only = Case(volume=volume, landmarks=np.full((0, 3), np.nan), spacing=spacing, names=())
         grid = resample(image_only, spacing=self.spacing, order=1)
-        # STEP 2: intensities as in training: HU window → [0, 255]
-        if self.window is None:
+        # STEP 2: intensities as in training: HU window (or the volume's percentiles) → [0, 255]
+        if self.percentiles is not None:
+            image = percentile_normalize(grid.volume, percentiles=self.percentiles)
+        elif self.window is None:
             image = np.asarray(grid.volume, dtype=np.float32)
         else:
             image = normalize_intensity(grid.volume, window=self.window)
@@ -263,7 +281,9 @@ def load_predictor(
     name of :func:`h3de_lite.pretrained.available`. From the run's ``config.json``:
 
     - ``"data"`` (written by ``h3de-lite train``): ``spacing`` (mm, a number or three, or ``null``), ``window`` (HU
-      pair, or ``null`` for data already in [0, 255]), ``crop`` (training crop). Runs without the block (older runs,
+      pair, or ``null`` for data already in [0, 255]), ``crop`` (training crop); optionally ``percentiles`` (the
+      intensity normalisation of MRI runs, replacing ``window``) and ``names`` (one landmark name per output channel,
+      e.g. the 32 AFIDs; default: the 14 MML names, or ``P0 …`` for another count). Runs without the block (older runs,
       ``fit`` called directly) fall back to no resampling and :data:`~h3de_lite.data.transforms.DEFAULT_WINDOW`, the
       defaults of :class:`~h3de_lite.data.LandmarkDataset`.
     - ``"train"``: ``heatmap_loss`` (``softmax_ce`` models decode ``exp(logits)``, as validation does),
@@ -326,10 +346,17 @@ def load_predictor(
         names = tuple(str(n) for n in data["names"])
     elif num != len(LANDMARK_NAMES):
         names = tuple(f"P{i}" for i in range(int(num)))
+    if data.get("names") is not None:
+        names = tuple(str(n) for n in data["names"])
+        if len(names) != int(num) or len(set(names)) != len(names):
+            raise ValueError(f"{str(config_path)!r}: data.names holds {len(names)} names (unique: "
+                             f"{len(set(names))}) for a model of {num} landmarks; give one unique name per output "
+                             "channel")  # fmt: skip
     return Predictor(
         model=model,
         spacing=data.get("spacing"),
         window=data["window"] if "window" in data else DEFAULT_WINDOW,
+        percentiles=data.get("percentiles"),
         roi_size=roi_size,
         heatmap_loss=train.get("heatmap_loss", "mse"),
         method=method or train.get("val_method", "subvoxel"),

@@ -38,6 +38,7 @@ from h3de_lite.files import atomic_output
 __all__ = ["read_markups", "write_markups", "MARKUPS_SCHEMA", "FCSV_COLUMNS"]
 
 CoordinateSystem = Literal["LPS", "RAS"]
+NameField = Literal["label", "description"]
 
 MARKUPS_SCHEMA: str = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
@@ -88,7 +89,7 @@ def _add_point(points: dict[str, np.ndarray], label: str, position: np.ndarray, 
 
 
 # ----------------------------------------------------------------------------------------------------- readers
-def _read_mrk_json(path: Path) -> dict[str, np.ndarray]:
+def _read_mrk_json(path: Path, name_from: NameField = "label") -> dict[str, np.ndarray]:
     data = json.loads(path.read_text(encoding="utf-8"))
     markups = data.get("markups") if isinstance(data, dict) else None
     if not isinstance(markups, list):
@@ -113,11 +114,11 @@ def _read_mrk_json(path: Path) -> dict[str, np.ndarray]:
                 if value.shape != (3,):
                     raise ValueError(f"control point {point.get('label')!r} position must have 3 numbers")
                 value = _to_ras(value * scale, system)
-            _add_point(points, str(point.get("label", "")), value, path=path)
+            _add_point(points, str(point.get(name_from, "")).strip(), value, path=path)
     return points
 
 
-def _read_fcsv(path: Path) -> dict[str, np.ndarray]:
+def _read_fcsv(path: Path, name_from: NameField = "label") -> dict[str, np.ndarray]:
     system: CoordinateSystem = "RAS"
     columns = list(FCSV_COLUMNS)
     rows: list[tuple[int, str]] = []
@@ -134,10 +135,11 @@ def _read_fcsv(path: Path) -> dict[str, np.ndarray]:
                 columns = [c.strip() for c in value.split(",")]
             continue
         rows.append((number, line))
-    for needed in ("x", "y", "z", "label"):
+    name_column = "desc" if name_from == "description" else "label"
+    for needed in ("x", "y", "z", name_column):
         if needed not in columns:
             raise ValueError(f"the '# columns' header has no {needed!r} column")
-    ix, iy, iz, il = (columns.index(c) for c in ("x", "y", "z", "label"))
+    ix, iy, iz, il = (columns.index(c) for c in ("x", "y", "z", name_column))
     points: dict[str, np.ndarray] = {}
     for number, fields in zip((n for n, _ in rows), csv.reader(line for _, line in rows)):
         if len(fields) <= max(ix, iy, iz, il):
@@ -147,7 +149,9 @@ def _read_fcsv(path: Path) -> dict[str, np.ndarray]:
     return points
 
 
-def _read_csv(path: Path) -> dict[str, np.ndarray]:
+def _read_csv(path: Path, name_from: NameField = "label") -> dict[str, np.ndarray]:
+    if name_from != "label":
+        raise ValueError("a .csv point table has no description column; read it with name_from='label'")
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         header = [h.strip().lower() for h in next(reader, [])]
@@ -175,13 +179,17 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
     return points
 
 
-def read_markups(path: str | Path) -> dict[str, np.ndarray]:
+def read_markups(path: str | Path, *, name_from: NameField = "label") -> dict[str, np.ndarray]:
     """Read named points from a Slicer ``.mrk.json``, a legacy ``.fcsv`` or a ``.csv`` file, in RAS mm.
 
     The format follows the file name; LPS files are converted to RAS. Points that are not defined read as ``NaN``.
 
     Args:
         path: the markups file.
+        name_from: which field names a point: ``"label"`` (default) or ``"description"`` (the ``desc`` column of a
+            ``.fcsv``, the ``description`` of a ``.mrk.json`` control point). Some releases keep the anatomical name
+            in the description and a number in the label, e.g. the AFIDs ground truth (label ``1``, description
+            ``AC``; :mod:`h3de_lite.data.afids`). A ``.csv`` table has labels only.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -201,11 +209,13 @@ def read_markups(path: str | Path) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     kind = _format_of(path)
+    if name_from not in ("label", "description"):
+        raise ValueError(f"name_from must be 'label' or 'description', got {name_from!r}")
     if not path.is_file():
         raise FileNotFoundError(f"markups file {str(path)!r} does not exist; check the path")
     reader = {"mrk.json": _read_mrk_json, "fcsv": _read_fcsv, "csv": _read_csv}[kind]
     try:
-        return reader(path)
+        return reader(path, name_from)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error, TypeError, KeyError) as exc:
         raise ValueError(f"could not read markups file {str(path)!r}: {exc}") from exc
     except ValueError as exc:

@@ -28,6 +28,7 @@ from h3de_lite.data.landmarks import LANDMARK_NAMES
 __all__ = [
     "DEFAULT_WINDOW",
     "normalize_intensity",
+    "percentile_normalize",
     "crop",
     "choose_crop_start",
     "random_crop",
@@ -115,6 +116,45 @@ def normalize_intensity(
     o0, o1 = _pair(out_range, what="out_range")
     clipped = np.clip(np.asarray(volume, dtype=np.float32), w0, w1)
     return ((clipped - np.float32(w0)) * np.float32((o1 - o0) / (w1 - w0)) + np.float32(o0)).astype(np.float32)
+
+
+def percentile_normalize(
+    volume: np.ndarray,
+    *,
+    percentiles: Sequence[float] = (0.5, 99.5),
+    out_range: Sequence[float] = (0.0, 255.0),
+) -> np.ndarray:
+    """Scale intensities between two percentiles of the volume itself onto ``out_range``, clipping outside.
+
+    For images without a physical intensity scale (MRI): the ``p0`` and ``p1`` percentiles of ``volume`` play the part
+    of the CT window of :func:`normalize_intensity`, ``out = (clip(v, q0, q1) - q0) / (q1 - q0) * (o1 - o0) + o0``,
+    so a scan stored in 0–4095 and one in 0–1 give the same input. A constant volume maps to ``o0``.
+
+    Args:
+        volume: intensities in any unit, any shape.
+        percentiles: ``(p0, p1)`` with ``0 <= p0 < p1 <= 100``.
+        out_range: ``(low, high)`` output range.
+
+    Shape:
+        - volume: ``(D, H, W)`` (any shape works)
+        - output: same shape, float32
+
+    Example:
+        >>> [float(v) for v in percentile_normalize(np.array([0.0, 50.0, 100.0]), percentiles=(0, 100))]
+        [0.0, 127.5, 255.0]
+
+    Explained in notebooks/09_real_anatomy.ipynb.
+    """
+    p0, p1 = _pair(percentiles, what="percentiles")
+    if not 0.0 <= p0 < p1 <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got ({p0:g}, {p1:g})")
+    o0, o1 = _pair(out_range, what="out_range")
+    values = np.asarray(volume, dtype=np.float32)
+    q0, q1 = (float(q) for q in np.percentile(values, [p0, p1]))
+    if not q1 > q0:
+        return np.full(values.shape, o0, dtype=np.float32)
+    clipped = np.clip(values, np.float32(q0), np.float32(q1))
+    return ((clipped - np.float32(q0)) * np.float32((o1 - o0) / (q1 - q0)) + np.float32(o0)).astype(np.float32)
 
 
 def crop(case: Case, start: Sequence[int], size: Sequence[int]) -> Case:

@@ -1,0 +1,113 @@
+"""Single-atlas evaluation: the identity and known-transform references on rigid copies, ``h3de-lite evaluate`` on
+the same folder (AFIDs-style names, percentile normalisation, SDR at 2/4/8 mm). Synthetic template, no network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_afids_atlas import NAMES, _dots_case
+
+from h3de_lite.cli import main
+from h3de_lite.data.atlas import read_rigid_transforms, write_rigid_copies
+from h3de_lite.data.case import Case
+from h3de_lite.data.nifti import voxel_to_world
+from h3de_lite.evaluation import Predictor, load_predictor
+from h3de_lite.references import (
+    comparison_table,
+    identity_reference,
+    known_transform_reference,
+    per_landmark_table,
+)
+from h3de_lite.training import TrainConfig, build_model_from_config
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Case, Path]:
+    case = _dots_case(shape=(40, 44, 36), spacing=(2.0, 2.0, 2.0), sigma_mm=3.0)
+    template = Case(volume=np.rint(case.volume + 100).astype(np.int16), landmarks=case.landmarks,
+                    spacing=case.spacing, affine=case.affine, names=case.names)  # fmt: skip
+    folder = tmp_path_factory.mktemp("copies")
+    write_rigid_copies(template, folder, n=3, seed=0, max_rotation_deg=20, max_shift_mm=10)
+    return template, folder
+
+
+def test_identity_reference_is_the_motion(copies: tuple[Case, Path]) -> None:
+    template, folder = copies
+    result = identity_reference(folder, template)
+    world = voxel_to_world(template.landmarks, template.affine)
+    transforms = read_rigid_transforms(folder)
+    for case in result.cases:
+        m = transforms[case.case_id]
+        expected = np.linalg.norm(world @ m[:3, :3].T + m[:3, 3] - world, axis=1)
+        np.testing.assert_allclose(case.errors, expected, atol=1e-6)
+    assert result.thresholds == (2.0, 4.0, 8.0) and result.summary["all"]["n_cases"] == 3
+    assert result.summary["all"]["mre"] > 1.0
+
+
+def test_known_transform_reference_is_the_grid_floor(copies: tuple[Case, Path]) -> None:
+    template, folder = copies
+    exact = known_transform_reference(folder, template, spacing=None)
+    assert exact.summary["all"]["mre"] < 0.01  # a Gaussian decodes exactly (sub-voxel fit of its log)
+    coarse = known_transform_reference(folder, template, spacing=4.0)
+    assert coarse.summary["all"]["mre"] < 0.05
+    argmax = known_transform_reference(folder, template, spacing=4.0, method="argmax")
+    errors = np.concatenate([c.errors for c in argmax.cases])
+    assert 0.3 < errors.mean() and errors.max() <= 0.5 * np.sqrt(3) * 4.0 + 1e-6  # at most half a 4 mm voxel
+    table = comparison_table([identity_reference(folder, template), coarse, argmax])
+    assert table.splitlines()[0].startswith("| Method | Cases | MRE ± SD (mm) | SDR 2 mm (%) | SDR 4 mm (%) | SDR 8 mm")
+    assert "known transform (4 mm, argmax)" in table
+    rows = per_landmark_table({"identity": identity_reference(folder, template), "argmax": argmax}).splitlines()
+    assert len(rows) == 2 + len(NAMES) and rows[2].startswith("| AC |")
+
+
+def _run(folder: Path, *, names: list[str], percentiles: list[float] | None, spacing: float = 4.0) -> Path:
+    """A run folder with an untrained (seeded) tiny U-Net of len(names) channels, as fit + the afids recipe write it."""
+    torch.manual_seed(0)
+    spec = {"kind": "baseline", "name": "unet3d", "num_landmarks": len(names)}
+    folder.mkdir(parents=True)
+    config = {"train": TrainConfig(heatmap_loss="softmax_ce", val_roi_size=(32, 32, 32)).to_dict(), "model": spec,
+              "data": {"spacing": spacing, "window": None, "percentiles": percentiles, "crop": [32, 32, 32],
+                       "names": names}, "world_size": 1}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save({"model": build_model_from_config(spec).state_dict()}, folder / "best.pt")
+    return folder
+
+
+def test_cli_evaluate_scores_the_copies_with_names_and_sdr(copies: tuple[Case, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    template, folder = copies
+    run = _run(tmp_path / "run", names=list(NAMES), percentiles=[0.5, 99.5])
+    predictor = load_predictor(run, device="cpu")
+    assert predictor.names == NAMES and predictor.percentiles == (0.5, 99.5)
+    argv = ["evaluate", "--run", str(run), "--data", str(folder), "--split", ".", "--sdr", "2", "4", "8"]
+    assert main([*argv, "--no-progress", "--overlap", "0.25"]) == 0
+    summary = json.loads((run / "eval.json").read_text())
+    assert summary["all"]["n_cases"] == 3
+    assert list(summary["all"]["sdr"]) == ["2.0", "4.0", "8.0"]
+    assert list(summary["all"]["per_landmark"]) == list(NAMES)
+    assert "| SDR 8 mm (%) |" in capsys.readouterr().out
+
+
+def test_run_names_must_match_the_channels(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", names=["a", "b"], percentiles=None)
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["names"] = ["a", "b", "c"]  # three names for a two-channel model
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="one unique name per output channel"):
+        load_predictor(run, device="cpu")
+
+
+def test_percentile_predictor_ignores_the_intensity_scale() -> None:
+    torch.manual_seed(0)
+    model = build_model_from_config({"kind": "baseline", "name": "unet3d", "num_landmarks": 2}).eval()
+    predictor = Predictor(model=model, names=("a", "b"), window=None, percentiles=(0.5, 99.5), roi_size=(32, 32, 32))
+    volume = np.random.default_rng(0).gamma(2.0, 300.0, size=(32, 32, 32)).astype(np.float32)
+    a = predictor.predict(volume, spacing=(1.0, 1.0, 1.0))[0]
+    b = predictor.predict(volume * 11.0 + 40.0, spacing=(1.0, 1.0, 1.0))[0]
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    with pytest.raises(ValueError, match="percentiles"):
+        Predictor(model=model, names=("a", "b"), percentiles=(99.0, 1.0))
