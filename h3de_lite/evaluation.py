@@ -342,11 +342,9 @@ def load_predictor(
         roi_size = [max(32, math.ceil(int(c) / 32) * 32) for c in crop]
     names = LANDMARK_NAMES
     num = (config.get("model") or {}).get("num_landmarks", len(LANDMARK_NAMES))
-    if data.get("names"):  # runs on other landmark sets (e.g. the 32 AFIDs) record their names
-        names = tuple(str(n) for n in data["names"])
-    elif num != len(LANDMARK_NAMES):
+    if num != len(LANDMARK_NAMES):
         names = tuple(f"P{i}" for i in range(int(num)))
-    if data.get("names") is not None:
+    if data.get("names") is not None:  # runs on other landmark sets (e.g. the 32 AFIDs) record their names
         names = tuple(str(n) for n in data["names"])
         if len(names) != int(num) or len(set(names)) != len(names):
             raise ValueError(f"{str(config_path)!r}: data.names holds {len(names)} names (unique: "
