@@ -162,6 +162,29 @@ def test_fast_path_gradients_equal_the_einsum_reference(spatial):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("spatial", [(8, 8, 8), (9, 10, 7)])
+@pytest.mark.parametrize("lepe_kernel", [5, 0])
+def test_inference_path_equals_the_autograd_path(spatial, lepe_kernel):
+    """Without autograd the CPU flash forward writes over q (no output buffer): same numbers as while recording.
+
+    Channels-first and channels-last inputs, batch 2, padded or not, with and without LePE (its sum is fused with
+    the merge back from regions when nothing is padded).
+    """
+    attn = _vbra(regions_per_side=2, topk=3, lepe_kernel=lepe_kernel)
+    reference = _vbra(regions_per_side=2, topk=3, lepe_kernel=lepe_kernel, fused=False)
+    reference.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 16, *spatial, dtype=torch.float64)
+    recorded = attn(x)
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        inferred = attn(x)
+        channels_last = attn.forward_channels_last(x.permute(0, 2, 3, 4, 1).contiguous())
+        expected = reference(x)
+    assert torch.equal(inferred, recorded)
+    assert torch.equal(channels_last, inferred.permute(0, 2, 3, 4, 1))
+    torch.testing.assert_close(inferred, expected, atol=1e-10, rtol=0)
+
+
 def test_flex_backend_equals_gather_backend_without_autograd():
     x = torch.randn(1, 16, 9, 10, 7, dtype=torch.float64)
     gather = _vbra(regions_per_side=(2, 3, 2), topk=4, backend="gather")

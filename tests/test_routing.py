@@ -342,6 +342,27 @@ def test_cpu_flash_path_equals_plain_autograd_values_and_gradients(masked, chunk
     assert issubclass(_RoutedFlashAttentionCPU, torch.autograd.Function)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_out_may_be_the_queries_in_inference(masked):
+    """``out=q``: the CPU flash path writes each chunk over queries it has already read; same numbers."""
+    q, kv = _routing_inputs()
+    kwargs = dict(num_heads=2, topk=3, scale=0.5, routing_scale=0.35, valid=_padded_valid() if masked else None)
+    expected, indices, _ = regional_routing_attention(q, kv, query_chunk=5, **kwargs)
+    with torch.no_grad():
+        for fused in (True, False):  # the flash path writes in place; the readable path copies its result
+            q_copy = q.clone()
+            out, got_indices, _ = regional_routing_attention(
+                q_copy, kv, query_chunk=5, fused=fused, out=q_copy, **kwargs
+            )
+            assert out.data_ptr() == q_copy.data_ptr()
+            assert torch.equal(got_indices, indices)
+            torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="shape"):
+        regional_routing_attention(q, kv, out=q[:, :, :2], **kwargs)
+    with pytest.raises(ValueError, match="no_grad"):
+        regional_routing_attention(q.requires_grad_(), kv, out=torch.empty_like(q), **kwargs)
+
+
 def test_cpu_flash_path_keeps_no_gathered_keys_for_the_backward():
     """Autograd through the gather keeps k copies of the routed keys/values; the CPU path keeps q, kv, out, lse."""
     q, kv = _routing_inputs(num_regions=8, tokens=16)

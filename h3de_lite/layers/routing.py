@@ -519,16 +519,6 @@ def _chunks(total: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def _heads(x: Tensor, num_heads: int) -> Tensor:
-    """``(n, L, M·c)`` → ``(M, n, L, c)`` view: heads become SDPA's batch axis, regions its head axis."""
-    return rearrange(x, "n l (m c) -> m n l c", m=num_heads)
-
-
-def _unheads(x: Tensor) -> Tensor:
-    """Inverse of :func:`_heads`: ``(M, n, L, c)`` → ``(n, L, M·c)`` (a view when the heads sit in the channels)."""
-    return rearrange(x, "m n l c -> n l (m c)")
-
-
 def gather_attention(
     q: Tensor,
     kv: Tensor,
@@ -586,52 +576,88 @@ def gather_attention(
 
 
 def _additive_mask(key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """``(n, S)`` bool → ``(1, n, 1, S)`` additive mask (0 or −inf) in ``dtype``: the CPU kernel's mask format."""
+    """``(n, S)`` bool → ``(n, 1, 1, S)`` additive mask (0 or −inf) in ``dtype``: the CPU kernel's mask format."""
     if key_mask is None:
         return None
-    return torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill_(~key_mask, float("-inf"))[
-        None, :, None, :
-    ]
+    additive = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill_(~key_mask, float("-inf"))
+    return additive[:, None, None, :]  # (n, 1, 1, S): one row per query region, broadcast over heads and queries
+
+
+def _split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``(n, L, M·c)`` → ``(n, M, L, c)``, a view: regions are the flash kernel's batch, heads its heads."""
+    n, length, channels = x.shape
+    return x.view(n, length, num_heads, channels // num_heads).transpose(1, 2)
+
+
+def _gather_chunk(
+    kv_rows: Tensor, rows: Tensor, buffer: Tensor, *, qk_channels: int, num_heads: int
+) -> tuple[Tensor, Tensor]:
+    """Gather the kv rows of one chunk into ``buffer``; return its keys and values as ``(n, M, k·T, c)`` views."""
+    n, topk = rows.shape
+    picked = torch.index_select(kv_rows, 0, rows.reshape(-1), out=buffer[: n * topk])  # (n·k, T·M·(c + c_v))
+    picked = picked.view(n, -1, 2 * qk_channels)  # (n, k·T, M·(c + c_v)): the k regions' tokens one after the other
+    return _split_heads(picked[..., :qk_channels], num_heads), _split_heads(picked[..., qk_channels:], num_heads)
+
+
+def _routed_flash_forward(
+    q: Tensor,
+    kv: Tensor,
+    rows: Tensor,
+    key_mask: Tensor | None,
+    *,
+    num_heads: int,
+    scale: float,
+    query_chunk: int,
+    out: Tensor | None = None,
+    keep_lse: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The forward of :class:`_RoutedFlashAttentionCPU`: output ``(N, T, M·c)`` and, if ``keep_lse``, ``(N, M, T)``.
+
+    Regions are the flash kernel's batch axis and heads its head axis, so that the kernel's output, laid out
+    ``(n, T, M, c)``, is already a contiguous chunk of the region-layout output: one plain copy per chunk into ``out``.
+    ``out`` may be ``q`` itself (inference): a chunk's queries are read by the kernel before its output lands there.
+    """
+    num_queries, tokens, qk_channels = q.shape
+    topk = rows.shape[1]
+    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    kv_rows = kv.reshape(num_queries, -1)  # (N, T·M·(c + c_v)) one row per region
+    buffer = kv.new_empty((min(query_chunk, num_queries) * topk, kv_rows.shape[1]))  # reused by every chunk
+    out = q.new_empty((num_queries, tokens, qk_channels)) if out is None else out  # (N, T, M·c)
+    q_heads = _split_heads(q, num_heads)  # (N, M, T, c) view
+    out_heads = out.view(num_queries, tokens, num_heads, -1)  # (N, T, M, c) view
+    lse = None
+    for start, stop in _chunks(num_queries, query_chunk):
+        k_sel, v_sel = _gather_chunk(kv_rows, rows[start:stop], buffer, qk_channels=qk_channels, num_heads=num_heads)
+        mask = None if key_mask is None else _additive_mask(key_mask[start:stop], q.dtype)
+        chunk_out, chunk_lse = attention(q_heads[start:stop], k_sel, v_sel, 0.0, False, attn_mask=mask, scale=scale)
+        out_heads[start:stop].copy_(chunk_out.transpose(1, 2))  # (n, T, M, c): a contiguous copy
+        if keep_lse:
+            if lse is None:  # in the kernel's accumulation dtype
+                lse = chunk_lse.new_empty((num_queries, num_heads, tokens))
+            lse[start:stop] = chunk_lse  # (n, M, T)
+    return out, lse
 
 
 class _RoutedFlashAttentionCPU(torch.autograd.Function):
     """STEP 3 on CPU through PyTorch's flash-attention kernel, with a backward that keeps no gathered tensor.
 
     The forward gathers each chunk's keys and values into one reused buffer and calls
-    ``aten._scaled_dot_product_flash_attention_for_cpu``, keeping the output and the log-sum-exp. The backward gathers
+    ``aten._scaled_dot_product_flash_attention_for_cpu`` with the chunk's query regions as the kernel's batch and the
+    heads as its heads (:func:`_routed_flash_forward`), keeping the output and the log-sum-exp. The backward gathers
     each chunk again (a copy, far cheaper than attention), calls the kernel's backward, and adds the key/value
-    gradients back to their regions row by row. Memory: one chunk's gather at a time in both passes, against
-    all k·N gathered keys and values (plus their gradients) that plain autograd keeps. Same numbers as
-    :func:`gather_attention` with ``fused=True`` (tested, values and gradients).
+    gradients back to their regions with one ``index_add_`` per chunk. Memory: one chunk's gather at a time in both
+    passes, against all k·N gathered keys and values (plus their gradients) that plain autograd keeps. Same numbers
+    as :func:`gather_attention` with ``fused=True`` (tested, values and gradients).
 
-    Inputs as :func:`gather_attention`, with ``c_v == c`` (the kernel needs one head size).
+    Inputs as :func:`gather_attention`, with ``c_v == c`` (the kernel needs one head size). Without autograd,
+    :func:`regional_routing_attention` calls :func:`_routed_flash_forward` directly.
     """
 
     @staticmethod
     def forward(ctx, q, kv, rows, key_mask, num_heads, scale, query_chunk):  # noqa: ANN001, ANN205
-        num_queries, tokens, qk_channels = q.shape
-        topk = rows.shape[1]
-        kv_rows = kv.reshape(num_queries, -1)  # (N, T·M·(c + c_v)) one row per region
-        buffer = kv.new_empty((min(query_chunk, num_queries) * topk, kv_rows.shape[1]))  # reused by every chunk
-        out = q.new_empty((num_queries, tokens, qk_channels))  # (N, T, M·c)
-        lse = None
-        for start, stop in _chunks(num_queries, query_chunk):
-            k_sel, v_sel = _gather_chunk(
-                kv_rows,
-                rows[start:stop],
-                buffer,
-                kv_channels=kv.shape[-1],
-                qk_channels=qk_channels,
-                num_heads=num_heads,
-            )
-            mask = _additive_mask(None if key_mask is None else key_mask[start:stop], q.dtype)
-            chunk_out, chunk_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                _heads(q[start:stop], num_heads), k_sel, v_sel, 0.0, False, attn_mask=mask, scale=scale
-            )  # (M, n, T, c), (M, n, T)
-            out[start:stop] = _unheads(chunk_out)
-            if lse is None:
-                lse = chunk_lse.new_empty((num_heads, num_queries, tokens))
-            lse[:, start:stop] = chunk_lse
+        out, lse = _routed_flash_forward(
+            q, kv, rows, key_mask, num_heads=num_heads, scale=scale, query_chunk=query_chunk, keep_lse=True
+        )
         ctx.save_for_backward(q, kv, rows, key_mask, out, lse)
         ctx.num_heads, ctx.scale, ctx.query_chunk = num_heads, scale, query_chunk
         return out
@@ -642,53 +668,44 @@ class _RoutedFlashAttentionCPU(torch.autograd.Function):
         num_heads, scale, query_chunk = ctx.num_heads, ctx.scale, ctx.query_chunk
         num_queries, tokens, qk_channels = q.shape
         topk = rows.shape[1]
+        attention_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         grad_out = grad_out.contiguous()
         kv_rows = kv.reshape(num_queries, -1)
         buffer = kv.new_empty((min(query_chunk, num_queries) * topk, kv_rows.shape[1]))
         grad_q = torch.empty_like(q)
         grad_kv = torch.zeros_like(kv)
         grad_rows = grad_kv.view(num_queries, -1)  # (N, T·M·(c + c_v))
+        q_heads, out_heads, grad_heads = (_split_heads(t, num_heads) for t in (q, out, grad_out))  # (N, M, T, c)
+        grad_q_heads = grad_q.view(num_queries, tokens, num_heads, -1)  # (N, T, M, c)
         for start, stop in _chunks(num_queries, query_chunk):
+            n = stop - start
             k_sel, v_sel = _gather_chunk(
-                kv_rows,
-                rows[start:stop],
-                buffer,
-                kv_channels=kv.shape[-1],
-                qk_channels=qk_channels,
-                num_heads=num_heads,
+                kv_rows, rows[start:stop], buffer, qk_channels=qk_channels, num_heads=num_heads
             )
-            mask = _additive_mask(None if key_mask is None else key_mask[start:stop], q.dtype)
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                _heads(grad_out[start:stop], num_heads),
-                _heads(q[start:stop], num_heads),
+            mask = None if key_mask is None else _additive_mask(key_mask[start:stop], q.dtype)
+            dq, dk, dv = attention_backward(
+                grad_heads[start:stop],
+                q_heads[start:stop],
                 k_sel,
                 v_sel,
-                _heads(out[start:stop], num_heads),
-                lse[:, start:stop].contiguous(),
+                out_heads[start:stop],
+                lse[start:stop],
                 0.0,
                 False,
                 attn_mask=mask,
                 scale=scale,
-            )  # (M, n, T, c), (M, n, k·T, c) twice
-            grad_q[start:stop] = _unheads(dq)
-            grad_sel = torch.cat([_unheads(dk), _unheads(dv)], dim=-1)  # (n, k·T, M·(c + c_v))
-            # Add each gathered region's gradient back to its row. A loop of contiguous row additions: index_add_
-            # (scatter_add_ with an expanded index) is orders of magnitude slower on two threads in PyTorch 2.13.
-            picked_rows = rows[start:stop].reshape(-1).tolist()
-            for row, grad_row in zip(picked_rows, grad_sel.view((stop - start) * topk, -1), strict=True):
-                grad_rows[row].add_(grad_row)
+            )  # (n, M, T, c), (n, M, k·T, c) twice
+            grad_q_heads[start:stop].copy_(dq.transpose(1, 2))
+            grad_sel = torch.cat(
+                [
+                    dk.transpose(1, 2).reshape(n * topk, tokens, qk_channels),
+                    dv.transpose(1, 2).reshape(n * topk, tokens, qk_channels),
+                ],
+                dim=-1,
+            )  # (n·k, T, M·(c + c_v)): each gathered region's gradient, in the kv row layout
+            # Add each gathered region's gradient back to its row, in order (a region routed twice gets both).
+            grad_rows.index_add_(0, rows[start:stop].reshape(-1), grad_sel.view(n * topk, -1))
         return grad_q, grad_kv, None, None, None, None, None
-
-
-def _gather_chunk(
-    kv_rows: Tensor, rows: Tensor, buffer: Tensor, *, kv_channels: int, qk_channels: int, num_heads: int
-) -> tuple[Tensor, Tensor]:
-    """Gather the kv rows of one chunk into ``buffer``; return its keys and values as ``(M, n, k·T, c)`` views."""
-    n, topk = rows.shape
-    picked = torch.index_select(kv_rows, 0, rows.reshape(-1), out=buffer[: n * topk])  # (n·k, T·M·(c + c_v))
-    picked = picked.view(n, -1, kv_channels)  # (n, k·T, M·(c + c_v)): the k regions' tokens one after the other
-    k_sel, v_sel = picked.split([qk_channels, kv_channels - qk_channels], dim=-1)
-    return _heads(k_sel, num_heads), _heads(v_sel, num_heads)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -966,6 +983,7 @@ def regional_routing_attention(
     query_chunk: int | None = None,
     gather: Callable[[Tensor, Tensor], Tensor] = gather_regions,
     backend: str = "gather",
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """STEP 2 and STEP 3 of V-BRA on region tensors: route regions (eq. 3), then attend token to token (eq. 4).
 
@@ -973,8 +991,9 @@ def regional_routing_attention(
 
     * ``"gather"``: per chunk of ``query_chunk`` query regions, gather the k routed regions' keys and values (keys
       and values side by side in ``kv``, so one gather serves both) and attend densely inside them
-      (:func:`gather_attention`). On CPU with ``fused=True`` the same runs through
-      :class:`_RoutedFlashAttentionCPU`, whose backward regathers chunk by chunk instead of keeping the gathers.
+      (:func:`gather_attention`). On CPU with ``fused=True`` the same runs through PyTorch's flash kernel directly:
+      :class:`_RoutedFlashAttentionCPU` while autograd records (its backward regathers chunk by chunk instead of
+      keeping the gathers), its plain forward otherwise.
     * ``"flex"``: one block-sparse ``flex_attention`` call, no gather (:func:`flex_routed_attention`).
 
     Args:
@@ -992,6 +1011,13 @@ def regional_routing_attention(
             where it is one chunk (its backward keeps every chunk's gather anyway).
         gather: the key/value gather, :func:`gather_regions` (or :func:`naive_gather` to benchmark the legacy one).
         backend: ``"gather"``, ``"flex"`` or ``"auto"`` (:func:`resolve_backend`).
+        out: inference only (autograd not recording): a contiguous ``(B, R, T, M·c_v)`` tensor the output is
+            written to and returned as. It may be ``q`` itself when ``c_v == c`` and ``q`` is not needed afterwards:
+            the CPU flash path reads each chunk of queries before its output overwrites them, so the output then
+            takes no memory of its own (what :class:`~h3de_lite.layers.attention.BiLevelRoutingAttention3d` does).
+
+    Raises:
+        ValueError: ``out`` given while autograd records, or of the wrong shape or layout.
 
     Shape:
         → output ``(B, R, T, M·c_v)``, indices ``(B, R, k)``, scores ``(B, R, k)``.
@@ -1005,6 +1031,17 @@ def regional_routing_attention(
     check_backend(backend)
     batch, num_regions, tokens, qk_channels = q.shape
     v_channels = kv.shape[-1] - qk_channels
+    recording = torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)
+    if out is not None:
+        if recording:
+            raise ValueError(
+                "out= is for inference: call regional_routing_attention under torch.no_grad() or without it"
+            )
+        if out.shape != (batch, num_regions, tokens, v_channels) or not out.is_contiguous():
+            raise ValueError(
+                f"out must be a contiguous tensor of shape {(batch, num_regions, tokens, v_channels)}, "
+                f"got {tuple(out.shape)}"
+            )
     # STEP 2: region-to-region routing on region means over real tokens (no gradient flows through the choice).
     with torch.no_grad():
         q_r = region_means(q, valid)  # (B, R, M·c)
@@ -1020,7 +1057,7 @@ def regional_routing_attention(
         num_queries = batch * num_regions
         cpu_flash = _cpu_flash_applies(q, kv, fused=fused, gather=gather)
         chunk = query_chunk
-        if chunk is None and not cpu_flash and torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+        if chunk is None and not cpu_flash and recording:
             chunk = num_queries
         elif chunk is None:
             chunk = auto_query_chunk(
@@ -1038,10 +1075,15 @@ def regional_routing_attention(
         key_mask = None if valid is None else gather_key_mask(valid, indices).reshape(num_queries, topk * tokens)
         flat_q = q.reshape(num_queries, tokens, qk_channels)  # (B·R, T, M·c)
         flat_kv = kv.reshape(num_queries, tokens, kv.shape[-1])  # (B·R, T, M·(c + c_v))
-        if cpu_flash:
-            out = _RoutedFlashAttentionCPU.apply(flat_q, flat_kv, rows, key_mask, num_heads, scale, chunk)
+        if cpu_flash and not recording:  # no autograd: the plain forward, straight into ``out`` when given
+            flat_out = None if out is None else out.view(num_queries, tokens, v_channels)
+            result, _ = _routed_flash_forward(
+                flat_q, flat_kv, rows, key_mask, num_heads=num_heads, scale=scale, query_chunk=chunk, out=flat_out
+            )
+        elif cpu_flash:
+            result = _RoutedFlashAttentionCPU.apply(flat_q, flat_kv, rows, key_mask, num_heads, scale, chunk)
         else:
-            out = gather_attention(
+            result = gather_attention(
                 flat_q,
                 flat_kv,
                 rows,
@@ -1052,8 +1094,11 @@ def regional_routing_attention(
                 query_chunk=chunk,
                 gather=gather,
             )
-        return out.reshape(batch, num_regions, tokens, v_channels)
+        return result.reshape(batch, num_regions, tokens, v_channels)
 
     runs = {"gather": run_gather, "flex": run_flex}
     key = (q.device, q.dtype, tuple(q.shape), tuple(kv.shape), num_heads, topk, valid is None)
-    return runs[resolve_backend(backend, key=key, device=q.device, candidates=runs)](), indices, scores
+    result = runs[resolve_backend(backend, key=key, device=q.device, candidates=runs)]()
+    if out is not None and result.data_ptr() != out.data_ptr():
+        result = out.copy_(result)
+    return result, indices, scores
