@@ -64,7 +64,7 @@ def weights_path(name: str) -> Path:
         >>> weights_path("no-such-model")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: unknown pretrained model 'no-such-model'; available: none ...
+        ValueError: unknown pretrained model 'no-such-model'; available: ...; pass one of them, ...)
     """
     names = available()
     if not isinstance(name, str) or name not in names:

@@ -125,7 +125,10 @@ def test_user_errors_exit_2_with_one_line(image_folder: Path, tmp_path: Path,
     assert main(["evaluate", "--run", str(tmp_path / "norun"), *data]) == 2
     _one_error_line(capsys.readouterr().err, "evaluate", "norun' does not exist", "h3de-lite train --out")
     assert main(["evaluate", "--pretrained", "nope", *data, "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys.readouterr().err, "evaluate", "unknown pretrained model 'nope'; available: none")
+    from h3de_lite.pretrained import available
+
+    listed = ", ".join(available()) or "none"
+    _one_error_line(capsys.readouterr().err, "evaluate", f"unknown pretrained model 'nope'; available: {listed}")
     assert main(["evaluate", "--pretrained", "nope", *data]) == 2
     _one_error_line(capsys.readouterr().err, "evaluate", "--pretrained needs --out DIR")
     assert main(["evaluate", "--run", str(tmp_path), "--data", str(tmp_path / "none")]) == 2
