@@ -229,6 +229,10 @@ class BiLevelRoutingAttention3d(_AttentionBase):
     Sizes that do not divide into regions are zero-padded at the far end of D, H and W; padded tokens are left out of
     the region means and masked out of the attention, and the output is cropped back.
 
+    Inference (autograd not recording) takes a leaner path with the same numbers: float32 projections through oneDNN
+    (:func:`_linear`), the attention output written over q in larger chunks (``out=`` of
+    :func:`~h3de_lite.layers.routing.regional_routing_attention`) and LePE added into the merged output in place.
+
     Args:
         dim: channels C.
         num_heads: heads M; ``dim`` and ``qk_dim`` must be divisible by it.
@@ -353,7 +357,7 @@ class DenseAttention3d(_AttentionBase):
     """Plain multi-head self-attention over all ``D·H·W`` tokens, with V-BRA's parameters (``qkv``, ``lepe``, ``proj``).
 
     The dense reference of the attention benchmark, and what V-BRA computes when ``topk`` equals the number of
-    regions. Uses ``F.scaled_dot_product_attention``.
+    regions. Uses ``F.scaled_dot_product_attention``; its projections run like V-BRA's (:func:`_linear`).
 
     Args:
         dim: channels C.

@@ -19,7 +19,9 @@ Fixes over the BiFormer / H3DE-Net legacy code:
 * the token attention runs over chunks of query regions, which bounds the gathered memory; heads stay side by side in
   the channels and reach ``F.scaled_dot_product_attention`` as strided views, without copies;
 * on CPU the backward gathers each chunk again instead of keeping every gathered key and value
-  (:class:`_RoutedFlashAttentionCPU`): training keeps no k-fold copy of the keys and values.
+  (:class:`_RoutedFlashAttentionCPU`): training keeps no k-fold copy of the keys and values;
+* on CPU without autograd the output can overwrite the queries chunk by chunk (``out=q``), so inference allocates
+  no output of its own and spends that memory on fewer, larger chunks.
 
 STEP 3 has a second implementation without any gather: one block-sparse ``flex_attention`` call whose BlockMask is
 the routing (:func:`flex_routed_attention`); ``backend="auto"`` picks between the two (:func:`resolve_backend`).
