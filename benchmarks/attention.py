@@ -11,7 +11,9 @@ Methods (same dim, heads and parameters, batch 1):
   ``(R, R, T, C)`` then ``torch.gather``) and no chunking, as in BiFormer's ``bra_legacy.py``;
 * ``gather`` — :class:`h3de_lite.layers.attention.BiLevelRoutingAttention3d` with ``backend="gather"`` (index gather
   of whole regions into a reused buffer, chunked query regions, the flash kernel; on CPU the backward regathers
-  chunk by chunk instead of keeping the gathers) — what ``backend="auto"`` runs on CPU;
+  chunk by chunk instead of keeping the gathers, and inference writes the output over q) — what ``backend="auto"``
+  runs on CPU. Both modules run their float32 token projections through oneDNN in inference (``fwd``) and through
+  ``F.linear`` while autograd records (``fwd+bwd``), see ``h3de_lite.layers.attention._linear``;
 * ``flex``   — the same module with ``backend="flex"``: one block-sparse ``torch.compile(flex_attention)`` call whose
   BlockMask comes from the routing, no gather. On CPU forward only (PyTorch's flex_attention has no CPU backward);
   the compilation happens in the warm-up call and is not timed.

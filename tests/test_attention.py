@@ -185,6 +185,26 @@ def test_inference_path_equals_the_autograd_path(spatial, lepe_kernel):
     torch.testing.assert_close(inferred, expected, atol=1e-10, rtol=0)
 
 
+def test_float32_inference_path_equals_the_autograd_path():
+    """Float32 inference projects through oneDNN (no autograd formula) and attends over q; training uses F.linear."""
+    from h3de_lite.layers.attention import _linear
+
+    torch.manual_seed(0)
+    attn = BiLevelRoutingAttention3d(dim=32, num_heads=4, regions_per_side=2, topk=3)
+    dense = DenseAttention3d(dim=32, num_heads=4)
+    dense.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 32, 8, 8, 8)
+    for module in (attn, dense):
+        recorded = module(x)
+        with torch.no_grad():
+            inferred = module(x)
+        torch.testing.assert_close(inferred, recorded, atol=1e-5, rtol=0)
+    tokens, weight, bias = torch.randn(5, 7, 32), torch.randn(48, 32), torch.randn(48)
+    with torch.no_grad():
+        torch.testing.assert_close(_linear(tokens, weight, bias), tokens @ weight.T + bias, atol=1e-5, rtol=0)
+        torch.testing.assert_close(_linear(tokens, weight, None), tokens @ weight.T, atol=1e-5, rtol=0)
+
+
 def test_flex_backend_equals_gather_backend_without_autograd():
     x = torch.randn(1, 16, 9, 10, 7, dtype=torch.float64)
     gather = _vbra(regions_per_side=(2, 3, 2), topk=4, backend="gather")

@@ -31,6 +31,9 @@ from h3de_lite.layers.routing import (
 
 __all__ = ["BiLevelRoutingAttention3d", "DenseAttention3d", "DepthwiseConv3d", "Routing"]
 
+#: oneDNN's linear op is there and enabled (``torch.backends.mkldnn``): checked once, see :func:`_linear`.
+_ONEDNN_LINEAR: bool = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
 
 class _DepthwiseConv3dFunction(torch.autograd.Function):
     """Depthwise 3D convolution (stride 1, 'same' padding) whose backward is made of forward convolutions.
@@ -96,6 +99,33 @@ class DepthwiseConv3d(nn.Conv3d):
         return _DepthwiseConv3dFunction.apply(x, self.weight, self.bias, self.padding[0])
 
 
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear``, through oneDNN's matmul (bias fused) for float32 CPU inference.
+
+    PyTorch 2.13's ``F.linear`` on CPU fills the output with the bias and then calls MKL's sgemm on it; oneDNN's
+    inner product (``torch.ops.mkldnn._linear_pointwise``, what ``torch.compile`` calls on CPU) adds the bias inside
+    the matmul, 1.2–1.5× faster for the token projections here, same float32 result. It has no autograd formula, so
+    it runs only when autograd does not record (and when oneDNN is available and enabled); otherwise ``F.linear``.
+
+    Shape:
+        ``(..., in)`` → ``(..., out)``.
+    """
+    recording = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    onednn = _ONEDNN_LINEAR and torch.backends.mkldnn.enabled
+    if onednn and not recording and x.dtype == torch.float32 and x.device.type == "cpu":
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class _Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) whose forward is :func:`_linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _linear(x, self.weight, self.bias)
+
+
 def _channels_last_contiguous(x: Tensor) -> Tensor:
     """A contiguous copy of channels-last tokens ``(B, D, H, W, C)`` (``x`` itself when it is contiguous already).
 
@@ -114,10 +144,13 @@ def _channels_last_contiguous(x: Tensor) -> Tensor:
 
 
 def _add_regions(lepe: Tensor | None, out: Tensor, layout: RegionLayout) -> Tensor:
-    """``lepe + merge_regions(out)`` cropped to the volume, as one pass (no merged copy) when nothing is padded.
+    """``lepe + merge_regions(out)`` cropped to the volume; added into ``lepe`` in place when nothing is padded.
+
+    Without padding the region layout is a permutation of the volume's memory (a strided view): the sum then reads
+    ``out`` through that view and writes into ``lepe``, one pass with no merged copy and no new tensor.
 
     Args:
-        lepe: ``(B, D, H, W, C)`` contiguous, or None (LePE disabled: the merged ``out`` alone).
+        lepe: ``(B, D, H, W, C)`` contiguous (overwritten), or None (LePE disabled: the merged ``out`` alone).
         out: ``(B, R, T, C)`` contiguous region layout.
         layout: from :func:`~h3de_lite.layers.routing.make_layout`.
 
@@ -131,8 +164,8 @@ def _add_regions(lepe: Tensor | None, out: Tensor, layout: RegionLayout) -> Tens
     (sd, sh, sw), (td, th, tw) = layout.grid, layout.region_size
     b, c = out.shape[0], out.shape[-1]
     regions = out.view(b, sd, sh, sw, td, th, tw, c).permute(0, 1, 4, 2, 5, 3, 6, 7)  # (B, sd, td, sh, th, sw, tw, C)
-    # The sum follows the memory order of its first operand: contiguous, so viewing it as a volume is free.
-    return (lepe.view(b, sd, td, sh, th, sw, tw, c) + regions).view(lepe.shape)
+    lepe.view(b, sd, td, sh, th, sw, tw, c).add_(regions)  # the volume (B, D, H, W, C) seen as regions of tokens
+    return lepe
 
 
 class _AttentionBase(nn.Module):
@@ -153,9 +186,9 @@ class _AttentionBase(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.qk_dim = qk_dim
-        self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
+        self.qkv = _Linear(dim, 2 * qk_dim + dim)
         self.lepe = DepthwiseConv3d(channels=dim, kernel_size=lepe_kernel) if lepe_kernel > 0 else None
-        self.proj = nn.Linear(dim, dim)
+        self.proj = _Linear(dim, dim)
 
     def _check_input(self, x: Tensor) -> None:
         if x.ndim != 5 or x.shape[-1] != self.dim:
@@ -195,6 +228,10 @@ class BiLevelRoutingAttention3d(_AttentionBase):
 
     Sizes that do not divide into regions are zero-padded at the far end of D, H and W; padded tokens are left out of
     the region means and masked out of the attention, and the output is cropped back.
+
+    Inference (autograd not recording) takes a leaner path with the same numbers: float32 projections through oneDNN
+    (:func:`_linear`), the attention output written over q in larger chunks (``out=`` of
+    :func:`~h3de_lite.layers.routing.regional_routing_attention`) and LePE added into the merged output in place.
 
     Args:
         dim: channels C.
@@ -274,8 +311,8 @@ class BiLevelRoutingAttention3d(_AttentionBase):
 
         # STEP 1: linear projection to q and to k, v (side by side, so one gather serves both), in region layout.
         weight, bias = self.qkv.weight, self.qkv.bias  # rows: q (qk_dim), k (qk_dim), v (dim)
-        q = F.linear(x, weight[: self.qk_dim], bias[: self.qk_dim])  # (B, R, T, qk_dim)
-        kv = F.linear(x, weight[self.qk_dim :], bias[self.qk_dim :])  # (B, R, T, qk_dim + C)
+        q = _linear(x, weight[: self.qk_dim], bias[: self.qk_dim])  # (B, R, T, qk_dim)
+        kv = _linear(x, weight[self.qk_dim :], bias[self.qk_dim :])  # (B, R, T, qk_dim + C)
         del x
 
         # STEP 2 + STEP 3: region-to-region routing (eq. 3) and token-to-token attention (eq. 4). In inference the
@@ -320,7 +357,7 @@ class DenseAttention3d(_AttentionBase):
     """Plain multi-head self-attention over all ``D·H·W`` tokens, with V-BRA's parameters (``qkv``, ``lepe``, ``proj``).
 
     The dense reference of the attention benchmark, and what V-BRA computes when ``topk`` equals the number of
-    regions. Uses ``F.scaled_dot_product_attention``.
+    regions. Uses ``F.scaled_dot_product_attention``; its projections run like V-BRA's (:func:`_linear`).
 
     Args:
         dim: channels C.

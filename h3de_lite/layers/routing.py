@@ -19,7 +19,9 @@ Fixes over the BiFormer / H3DE-Net legacy code:
 * the token attention runs over chunks of query regions, which bounds the gathered memory; heads stay side by side in
   the channels and reach ``F.scaled_dot_product_attention`` as strided views, without copies;
 * on CPU the backward gathers each chunk again instead of keeping every gathered key and value
-  (:class:`_RoutedFlashAttentionCPU`): training keeps no k-fold copy of the keys and values.
+  (:class:`_RoutedFlashAttentionCPU`): training keeps no k-fold copy of the keys and values;
+* on CPU without autograd the output can overwrite the queries chunk by chunk (``out=q``), so inference allocates
+  no output of its own and spends that memory on fewer, larger chunks.
 
 STEP 3 has a second implementation without any gather: one block-sparse ``flex_attention`` call whose BlockMask is
 the routing (:func:`flex_routed_attention`); ``backend="auto"`` picks between the two (:func:`resolve_backend`).
@@ -1007,8 +1009,10 @@ def regional_routing_attention(
         fused: use ``F.scaled_dot_product_attention`` (True) or the written-out reference (False); gather path only.
         query_chunk: query regions per chunk of the gather path (over all B·R). None: :func:`auto_query_chunk`
             with a budget of half the values' size, capped at :data:`AUTO_CHUNK_BYTES` (the gather then adds at
-            most half a copy of v to the peak memory) — except on the plain-autograd path while autograd records,
-            where it is one chunk (its backward keeps every chunk's gather anyway).
+            most half a copy of v to the peak memory), plus the output's size when the CPU flash path writes into a
+            given ``out`` (the output then needs no memory of its own; fewer, larger chunks run faster) — except on
+            the plain-autograd path while autograd records, where it is one chunk (its backward keeps every chunk's
+            gather anyway).
         gather: the key/value gather, :func:`gather_regions` (or :func:`naive_gather` to benchmark the legacy one).
         backend: ``"gather"``, ``"flex"`` or ``"auto"`` (:func:`resolve_backend`).
         out: inference only (autograd not recording): a contiguous ``(B, R, T, M·c_v)`` tensor the output is
@@ -1060,6 +1064,8 @@ def regional_routing_attention(
         if chunk is None and not cpu_flash and recording:
             chunk = num_queries
         elif chunk is None:
+            v_bytes = num_queries * tokens * v_channels * kv.element_size()  # the values, and the output
+            in_place = cpu_flash and out is not None  # the CPU flash forward writes into out: no output buffer
             chunk = auto_query_chunk(
                 num_query_regions=num_queries,
                 tokens_per_region=tokens,
@@ -1068,7 +1074,7 @@ def regional_routing_attention(
                 num_heads=num_heads,
                 element_size=kv.element_size(),
                 fused=fused,
-                budget=min(AUTO_CHUNK_BYTES, num_queries * tokens * v_channels * kv.element_size() // 2),
+                budget=min(AUTO_CHUNK_BYTES, v_bytes // 2 + (v_bytes if in_place else 0)),
             )
         offsets = torch.arange(batch, device=indices.device)[:, None, None] * num_regions  # (B, 1, 1)
         rows = (indices + offsets).reshape(num_queries, topk)  # (B·R, k) rows of the flattened kv

@@ -365,7 +365,17 @@ def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: A
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _onednn_linear_flops(input_shape: Any, weight_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of oneDNN's linear (what the attention projections run in CPU inference): ``2 · tokens · in · out``."""
+    tokens = 1
+    for size in input_shape[:-1]:
+        tokens *= size
+    return 2 * tokens * weight_shape[0] * weight_shape[1]
+
+
 _EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    _EXTRA_FLOP_FORMULAS[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops
 
 
 def model_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
