@@ -32,7 +32,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from h3de_lite.data.images import read_image, strip_image_suffix
 from h3de_lite.data.landmarks import LANDMARK_NAMES
 from h3de_lite.data.markups import MARKUPS_SCHEMA, read_markups
 from h3de_lite.data.mml import list_mml_cases, read_mml_case
-from h3de_lite.data.nifti import voxel_to_world, world_to_voxel
+from h3de_lite.data.nifti import reorient_to_ras, spacing_from_affine, voxel_to_world, world_to_voxel
 from h3de_lite.data.transforms import (
     DEFAULT_WINDOW,
     normalize_intensity,
@@ -135,6 +135,9 @@ class Predictor:
         amp: mixed precision on CUDA.
         names: landmark names, one per output channel.
         source: where the model came from (shown in tables).
+        orientation: ``"RAS"``: before anything else, permute and flip the stored array to the closest RAS axis order
+            (:func:`~h3de_lite.data.nifti.reorient_to_ras`, exact), as the model was trained (MRI stored LPS, LAS or
+            with permuted axes); :meth:`predict` then needs the image ``affine``. ``None``: the array as stored.
 
     Shape:
         :meth:`predict`: volume ``(D, H, W)`` → coords ``(L, 3)``, present ``(L,)``, score ``(L,)``.
@@ -159,8 +162,11 @@ class Predictor:
     amp: bool = False
     names: tuple[str, ...] = LANDMARK_NAMES
     source: str = "model"
+    orientation: str | None = None
 
     def __post_init__(self) -> None:
+        if self.orientation not in (None, "RAS"):
+            raise ValueError(f"orientation must be None or 'RAS', got {self.orientation!r}")
         if self.spacing is not None:
             object.__setattr__(self, "spacing", tuple(float(s) for s in spacing3(self.spacing, what="spacing")))
         if self.window is not None:
@@ -185,13 +191,19 @@ class Predictor:
         return _decoding_network(self.model, self.heatmap_loss)
 
     def predict(
-        self, volume: np.ndarray, spacing: Sequence[float], *, progress: bool = False
+        self,
+        volume: np.ndarray,
+        spacing: Sequence[float],
+        *,
+        affine: np.ndarray | None = None,
+        progress: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Landmarks of one stored volume, in that volume's voxel coordinates.
 
         Args:
             volume: ``(D, H, W)`` intensities as stored (HU for CT).
             spacing: its voxel size in mm, ``(3,)``.
+            affine: its voxel → world matrix; needed (and only used) with ``orientation="RAS"``.
             progress: progress bar over the sliding windows.
 
         Returns:
@@ -203,6 +215,16 @@ class Predictor:
         """
         from h3de_lite.inference import predict_volume
 
+        if self.orientation == "RAS":  # STEP 0: the array in the axis order the model was trained on
+            if affine is None:
+                raise ValueError(f"{self.source} was trained on RAS-ordered arrays and needs the image affine to "
+                                 "reorient the scan; pass affine= (evaluate and predict_files do)")  # fmt: skip
+            stored_affine = np.asarray(affine, dtype=np.float64)
+            volume, ras_affine = reorient_to_ras(volume, stored_affine)
+            coords, present, score = replace(self, orientation=None).predict(
+                volume, spacing_from_affine(ras_affine), progress=progress
+            )
+            return world_to_voxel(voxel_to_world(coords, ras_affine), stored_affine), present, score
         # STEP 1: the image alone (a Case without landmarks), resampled to the run's voxel size
         image_only = Case(volume=volume, landmarks=np.full((0, 3), np.nan), spacing=spacing, names=())
         grid = resample(image_only, spacing=self.spacing, order=1)
@@ -282,8 +304,9 @@ def load_predictor(
 
     - ``"data"`` (written by ``h3de-lite train``): ``spacing`` (mm, a number or three, or ``null``), ``window`` (HU
       pair, or ``null`` for data already in [0, 255]), ``crop`` (training crop); optionally ``percentiles`` (the
-      intensity normalisation of MRI runs, replacing ``window``) and ``names`` (one landmark name per output channel,
-      e.g. the 32 AFIDs; default: the 14 MML names, or ``P0 …`` for another count). Runs without the block (older runs,
+      intensity normalisation of MRI runs, replacing ``window``), ``names`` (one landmark name per output channel,
+      e.g. the 32 AFIDs; default: the 14 MML names, or ``P0 …`` for another count) and ``orientation`` (``"RAS"``:
+      reorient every scan first, see :class:`Predictor`). Runs without the block (older runs,
       ``fit`` called directly) fall back to no resampling and :data:`~h3de_lite.data.transforms.DEFAULT_WINDOW`, the
       defaults of :class:`~h3de_lite.data.LandmarkDataset`.
     - ``"train"``: ``heatmap_loss`` (``softmax_ce`` models decode ``exp(logits)``, as validation does),
@@ -355,6 +378,7 @@ def load_predictor(
         spacing=data.get("spacing"),
         window=data["window"] if "window" in data else DEFAULT_WINDOW,
         percentiles=data.get("percentiles"),
+        orientation=data.get("orientation"),
         roi_size=roi_size,
         heatmap_loss=train.get("heatmap_loss", "mse"),
         method=method or train.get("val_method", "subvoxel"),
@@ -516,7 +540,8 @@ class CaseResult:
 
 
 def _score_case(case: Case, predictor: Predictor, *, progress: bool = False) -> CaseResult:
-    coords, present, score = predictor.predict(case.volume, case.spacing, progress=progress)  # labels never passed
+    coords, present, score = predictor.predict(case.volume, case.spacing, affine=case.affine,
+                                               progress=progress)  # labels never passed
     if coords.shape != case.landmarks.shape:
         raise ValueError(f"case {case.case_id!r}: the model predicts {coords.shape[0]} landmarks but the labels hold "
                          f"{case.landmarks.shape[0]}")  # fmt: skip
@@ -957,7 +982,7 @@ def predict_files(
     results = []
     for path, case_id in iterator:
         image = read_image(path)
-        coords, present, score = predictor.predict(image.volume, image.spacing)
+        coords, present, score = predictor.predict(image.volume, image.spacing, affine=image.affine)
         coords = np.where(present[:, None], coords, np.nan)
         world = voxel_to_world(coords, image.affine)
         mrk, table = write_prediction(out_dir, case_id, names=predictor.names, world=world, present=present,

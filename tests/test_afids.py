@@ -23,6 +23,7 @@ from h3de_lite.data.afids import (
     load_afids_template,
     read_afids,
     sha256_file,
+    synthetic_afids_template,
 )
 from h3de_lite.data.augment import rotation_matrix
 from h3de_lite.data.markups import read_markups
@@ -176,3 +177,19 @@ def test_extract_names_the_missing_member(tmp_path: Path) -> None:
     (tmp_path / "bad.whl").write_bytes(b"zip? no")
     with pytest.raises(ValueError, match="not a readable wheel"):
         extract_afids_files(tmp_path / "bad.whl", out_dir=tmp_path / "out")
+
+
+def test_synthetic_stand_in_has_the_names_and_a_brain() -> None:
+    from h3de_lite.data.atlas import brain_mask
+
+    template = synthetic_afids_template()
+    case = template.case
+    assert template.names == AFIDS_NAMES and template.image_path is None
+    assert case.volume.shape == (96, 114, 96) and case.is_complete
+    np.testing.assert_allclose(voxel_to_world(case.landmarks, case.affine), template.world, atol=1e-9)
+    i, j = AFIDS_NAMES.index("R MB"), AFIDS_NAMES.index("L MB")
+    np.testing.assert_allclose(template.world[i] * [-1, 1, 1], template.world[j])  # pairs mirror across the midline
+    assert template.world[AFIDS_NAMES.index("AC"), 0] == 0.0
+    mask = brain_mask(case)
+    inside = mask[tuple(np.round(case.landmarks).astype(int).T)]
+    assert inside.all() and 0.1 < mask.mean() < 0.5

@@ -111,3 +111,45 @@ def test_percentile_predictor_ignores_the_intensity_scale() -> None:
     np.testing.assert_allclose(a, b, atol=1e-3)
     with pytest.raises(ValueError, match="percentiles"):
         Predictor(model=model, names=("a", "b"), percentiles=(99.0, 1.0))
+
+
+def test_predict_any_orientation_size_and_spacing_writes_named_markups(copies: tuple[Case, Path],
+                                                                       tmp_path: Path) -> None:  # fmt: skip
+    """A RAS-trained model on the same scan stored LPS with permuted axes gives the same world points (the reorientation
+    is exact); a resampled copy of another size and spacing runs too; the markups carry the names."""
+    from h3de_lite.data.markups import read_markups
+    from h3de_lite.data.nifti import read_nifti, reorient_to_ras, write_nifti
+    from h3de_lite.data.transforms import resample
+    from h3de_lite.evaluation import predict_files
+
+    template, folder = copies
+    volume, affine = read_nifti(folder / "rigid_00.nii.gz")
+    # stored as (W, D, H) with the first two axes flipped: an LPS-like, permuted layout
+    permuted = np.flip(np.transpose(volume, (2, 0, 1)), axis=(1, 2)).copy()
+    to_old = np.zeros((4, 4))  # permuted voxel (i, j, k) -> original voxel (n0 - 1 - j, n1 - 1 - k, i)
+    to_old[0, 1], to_old[1, 2], to_old[2, 0], to_old[3, 3] = -1.0, -1.0, 1.0, 1.0
+    to_old[:3, 3] = [volume.shape[0] - 1, volume.shape[1] - 1, 0]
+    write_nifti(tmp_path / "permuted.nii.gz", permuted, affine @ to_old)
+    back, back_affine = reorient_to_ras(permuted, affine @ to_old)
+    np.testing.assert_array_equal(back, volume)
+    np.testing.assert_allclose(back_affine, affine, atol=1e-5)
+    small = resample(Case(volume=volume.astype(np.float32), landmarks=np.zeros((0, 3)), spacing=(2.0, 2.0, 2.0),
+                          affine=affine, names=()), spacing=(2.5, 3.0, 1.5))  # fmt: skip
+    write_nifti(tmp_path / "resampled.nii.gz", small.volume, small.affine)
+
+    run = _run(tmp_path / "run", names=list(NAMES), percentiles=[0.5, 99.5])
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["orientation"] = "RAS"
+    (run / "config.json").write_text(json.dumps(config))
+    predictor = load_predictor(run, device="cpu")
+    assert predictor.orientation == "RAS"
+    images = [folder / "rigid_00.nii.gz", tmp_path / "permuted.nii.gz", tmp_path / "resampled.nii.gz"]
+    results = predict_files(predictor, images, tmp_path / "pred")
+    np.testing.assert_allclose(results[1].world, results[0].world, atol=1e-3)
+    assert np.isfinite(results[2].world).all()
+    for r in results:
+        points = read_markups(r.markups)
+        assert tuple(points) == NAMES
+        np.testing.assert_allclose(np.stack(list(points.values())), r.world, atol=1e-6)
+    with pytest.raises(ValueError, match="affine"):
+        predictor.predict(volume, spacing=(2.0, 2.0, 2.0))

@@ -57,6 +57,7 @@ __all__ = [
     "extract_afids_files",
     "read_afids",
     "load_afids_template",
+    "synthetic_afids_template",
 ]
 
 AUTOAFIDS_VERSION: str = "0.1.4"
@@ -271,8 +272,8 @@ class AfidsTemplate:
     Args:
         case: volume ``(D, H, W)`` as stored, spacing, voxel → RAS affine, landmarks in voxels, names.
         world: ``(L, 3)`` fiducial positions in RAS mm, as the ``.fcsv`` stores them.
-        image_path: the NIfTI it was read from.
-        fiducials_path: the ``.fcsv`` it was read from.
+        image_path: the NIfTI it was read from (``None`` for :func:`synthetic_afids_template`).
+        fiducials_path: the ``.fcsv`` it was read from (``None`` for :func:`synthetic_afids_template`).
 
     Shape:
         case.volume ``(D, H, W)``; case.landmarks and world ``(L, 3)``.
@@ -280,8 +281,8 @@ class AfidsTemplate:
 
     case: Case
     world: np.ndarray
-    image_path: Path
-    fiducials_path: Path
+    image_path: Path | None
+    fiducials_path: Path | None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -364,3 +365,60 @@ def load_afids_template(*, cache_dir: str | Path | None = None, download: bool =
     image_path, fiducials_path = extract_afids_files(wheel, out_dir=wheel.parent / f"autoafids-{AUTOAFIDS_VERSION}")
     return read_afids(image_path, fiducials_path, names=AFIDS_NAMES)
 
+
+def synthetic_afids_template(*, seed: int = 0, spacing: float = 2.0) -> AfidsTemplate:
+    """A stand-in for the template when the wheel is not available (no network, CI): a synthetic head, not anatomy.
+
+    An ellipsoidal head on the template's field of view (193 × 229 × 193 mm, RAS, origin as the MNI template): bright
+    scalp, dark 6 mm skull, grey brain with a brighter core and two dark "ventricles", and the 32 AFIDs names placed
+    inside the brain (the ``L``/``R`` pairs mirrored across the midline, the others on it), each marked by a small
+    bright ball of its own intensity so that a detector has something to find. Good for running code paths, worthless
+    for any number about anatomy.
+
+    Args:
+        seed: where the fiducials go.
+        spacing: voxel size in mm.
+
+    Shape:
+        output case.volume ``(round(193 / s), round(229 / s), round(193 / s))``; landmarks and world ``(32, 3)``.
+
+    Example:
+        >>> synthetic_afids_template().case.volume.shape
+        (96, 114, 96)
+    """
+    rng = np.random.default_rng([0xAF1D5, seed])
+    shape = tuple(int(round(n / spacing)) for n in (193, 229, 193))
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = [-96.0, -132.0, -78.0]
+    axes = [np.arange(n) * spacing + o for n, o in zip(shape, affine[:3, 3], strict=True)]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    centre, radii = np.array([0.0, -18.0, 10.0]), np.array([70.0, 92.0, 78.0])
+
+    def shell(inset: float) -> np.ndarray:  # ellipsoidal "radius" 1 at the head surface minus inset mm
+        return np.sqrt(((x - centre[0]) / (radii[0] - inset)) ** 2 + ((y - centre[1]) / (radii[1] - inset)) ** 2
+                       + ((z - centre[2]) / (radii[2] - inset)) ** 2)  # fmt: skip
+
+    volume = np.zeros(shape, np.float32)
+    volume[shell(0) < 1] = 900.0  # scalp
+    volume[shell(5) < 1] = 150.0  # skull
+    volume[shell(11) < 1] = 600.0  # brain (grey)
+    volume[shell(25) < 1] = 850.0  # white-matter core
+    for side in (-1, 1):
+        ventricle = ((x - side * 12) / 6) ** 2 + ((y + 5) / 25) ** 2 + ((z - 15) / 8) ** 2 < 1
+        volume[ventricle] = 250.0
+    world = np.zeros((AFIDS_NUM_LANDMARKS, 3))
+    placed: dict[str, np.ndarray] = {}
+    for i, name in enumerate(AFIDS_NAMES):
+        partner = ("L " + name[2:]) if name.startswith("R ") else ("R " + name[2:]) if name.startswith("L ") else None
+        if partner in placed:
+            world[i] = placed[partner] * np.array([-1.0, 1.0, 1.0])
+        else:
+            x0 = rng.uniform(10, 35) if partner else 0.0
+            world[i] = [x0, rng.uniform(-80, 35), rng.uniform(-25, 30)]
+        placed[name] = world[i]
+        ball = (x - world[i, 0]) ** 2 + (y - world[i, 1]) ** 2 + (z - world[i, 2]) ** 2 < 3.0**2
+        volume[ball] = 1000.0 + 30.0 * i
+    volume += rng.normal(0.0, 10.0, size=shape).astype(np.float32)
+    case = Case(volume=np.clip(volume, 0, None), landmarks=world_to_voxel(world, affine), spacing=np.full(3, spacing),
+                case_id="synthetic-afids", affine=affine, names=AFIDS_NAMES)  # fmt: skip
+    return AfidsTemplate(case=case, world=world, image_path=None, fiducials_path=None)

@@ -52,6 +52,7 @@ __all__ = [
     "RandomPose",
     "MRIntensityAugment",
     "AtlasDataset",
+    "atlas_data_config",
     "axis_angle_matrix",
     "brain_mask",
     "elastic_field",
@@ -766,6 +767,35 @@ class AtlasDataset(Dataset):
         cropped = crop(normalised, origin, self.crop.size)
         return self._item(cropped.volume, cropped, origin=origin, source_spacing=case.spacing,
                           case_id=f"train-{self.seed}-{self.epoch}-{index:05d}")  # fmt: skip
+
+
+def atlas_data_config(
+    *,
+    spacing: float,
+    crop: Sequence[int],
+    names: Sequence[str],
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    **notes: object,
+) -> dict:
+    """The ``data`` block of a single-atlas run's ``config.json``: the preprocessing
+    :func:`~h3de_lite.evaluation.load_predictor` must repeat on a stored scan, plus free-form ``notes``.
+
+    ``spacing`` (resample to it), ``window: None`` and ``percentiles`` (the :class:`AtlasDataset` normalisation),
+    ``orientation: "RAS"`` (reorient the array first: the template's axis order), ``crop`` and the landmark ``names``.
+
+    Example:
+        >>> atlas_data_config(spacing=3.0, crop=(64, 64, 64), names=("AC", "PC"))["orientation"]
+        'RAS'
+    """
+    return {
+        "spacing": float(spacing),
+        "window": None,
+        "percentiles": [float(p) for p in percentiles],
+        "orientation": "RAS",
+        "crop": [int(c) for c in crop],
+        "names": [str(n) for n in names],
+        **notes,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- test copies

@@ -29,6 +29,7 @@ __all__ = [
     "world_to_voxel",
     "spacing_from_affine",
     "load_nifti_case",
+    "reorient_to_ras",
 ]
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
@@ -122,6 +123,41 @@ def spacing_from_affine(affine: np.ndarray) -> np.ndarray:
     """
     affine = _check_affine(affine)
     return np.linalg.norm(affine[:3, :3], axis=0)
+
+
+def reorient_to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same image with its array axes permuted and flipped to the closest RAS order, and its new affine.
+
+    Exact (no interpolation): array axis 0 then runs closest to left → right, axis 1 to posterior → anterior, axis 2
+    to inferior → superior, as in the templates and phantoms h3de-lite trains on. Both affines describe the same
+    world, so a voxel coordinate ``v`` of the output is ``world_to_voxel(voxel_to_world(v, ras_affine), affine)`` in
+    the input. An oblique acquisition keeps its obliquity (up to 45° about the nearest axes).
+
+    Args:
+        volume: ``(D, H, W)`` as stored.
+        affine: its ``(4, 4)`` voxel → world (RAS mm) matrix.
+
+    Shape:
+        - volume: ``(D, H, W)``
+        - output: ``(volume (D', H', W'), affine (4, 4))``, ``(D', H', W')`` a permutation of ``(D, H, W)``
+
+    Example:
+        >>> lps = np.diag([-1.0, -1.0, 2.0, 1.0])
+        >>> volume, ras = reorient_to_ras(np.zeros((4, 5, 6)), lps)
+        >>> volume.shape, np.diag(ras).tolist()
+        ((4, 5, 6), [1.0, 1.0, 2.0, 1.0])
+
+    Explained in notebooks/09_real_anatomy.ipynb.
+    """
+    from nibabel import orientations
+
+    affine = _check_affine(affine)
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be 3D (D, H, W), got shape {volume.shape}")
+    ornt = orientations.io_orientation(affine)
+    out = np.ascontiguousarray(orientations.apply_orientation(volume, ornt))
+    return out, affine @ orientations.inv_ornt_aff(ornt, volume.shape)
 
 
 def _require_file(path: str | Path, *, what: str) -> Path:

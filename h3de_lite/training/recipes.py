@@ -14,6 +14,12 @@ fields that differ from its paper defaults.
   does not hold a landmark still puts a confident peak somewhere, and on phantom v2 test volumes (up to a whole head)
   those peaks won (30 mm test MRE with the former 40-epoch recipe, 4 mm for the same model on a window centred by the
   ground truth, a diagnostic only). Measured in the book (notebook 05 and book/benchmark_training.md).
+- ``afids`` (preset ``tiny`` with 32 landmarks, one annotated MRI, a CPU): the single-atlas recipe of
+  ``benchmarks/train_afids.py`` on the AFIDs template (:mod:`h3de_lite.data.afids`): every sample a new pose and
+  appearance of the template (:class:`~h3de_lite.data.atlas.AtlasDataset`), 3 mm voxels, 64×64×64 crops (192 mm:
+  the whole brain and some context), percentile intensity normalisation, the spatial-softmax cross-entropy, a cosine
+  schedule. Not selected by a preset (``h3de-lite train`` reads MML folders); the script reads it from
+  :data:`RECIPES`. Explained in notebooks/09_real_anatomy.ipynb.
 
 Explained in the README (quick start) and in the docstring of :func:`h3de_lite.training.fit`.
 """
@@ -74,6 +80,23 @@ RECIPES: dict[str, Recipe] = {
             "schedule": "cosine",
             "warmup_steps": 20,
             "patience": None,
+        },
+    ),
+    "afids": Recipe(
+        name="afids",
+        spacing=3.0,
+        crop=(64, 64, 64),
+        p_partial=0.0,
+        p_background=0.0,
+        train={
+            "heatmap_loss": "softmax_ce",
+            "epochs": 60,
+            "batch_size": 2,
+            "lr": 2e-3,
+            "schedule": "cosine",
+            "warmup_steps": 50,
+            "patience": None,
+            "val_roi_size": (64, 64, 64),
         },
     ),
 }
