@@ -203,7 +203,8 @@ class Predictor:
         Args:
             volume: ``(D, H, W)`` intensities as stored (HU for CT).
             spacing: its voxel size in mm, ``(3,)``.
-            affine: its voxel → world matrix; needed (and only used) with ``orientation="RAS"``.
+            affine: its voxel → world matrix; needed (and only used) with ``orientation="RAS"``, where the voxel
+                size is then read from it (the reoriented array's).
             progress: progress bar over the sliding windows.
 
         Returns:

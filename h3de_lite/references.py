@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -193,11 +194,32 @@ def _cell(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def comparison_table(results: Mapping[str, EvaluationResult] | Sequence[EvaluationResult]) -> str:
+Results = Mapping[str, "EvaluationResult | Mapping[str, Any]"] | Sequence[EvaluationResult]
+
+
+def _all_cases(results: Results) -> list[tuple[str, dict[str, Any], tuple[str, ...]]]:
+    """``(label, summary of all cases, names)`` per result; a result may be an :class:`EvaluationResult` or the
+    summary ``h3de-lite evaluate`` writes (``eval*.json``: ``{"complete", "incomplete", "all"}``)."""
+    items = list(results.items()) if isinstance(results, Mapping) else [(r.source, r) for r in results]
+    if not items:
+        raise ValueError("no results to tabulate")
+    out = []
+    for label, result in items:
+        summary = result.summary if isinstance(result, EvaluationResult) else result
+        if "all" not in summary:
+            raise ValueError(f"result {label!r} is neither an EvaluationResult nor an evaluate summary (no 'all' key)")
+        names = tuple(summary["all"].get("per_landmark") or ())
+        out.append((str(label), summary["all"], names))
+    return out
+
+
+def comparison_table(results: Results) -> str:
     """One Markdown row per result (label, cases, MRE ± SD, SDR at its radii, worst fiducial), all cases.
 
     Args:
-        results: ``{label: result}`` or results labelled by their ``source``; the first one's radii are the columns.
+        results: ``{label: result}`` (an :class:`~h3de_lite.evaluation.EvaluationResult` or the JSON summary
+            ``h3de-lite evaluate`` writes), or results labelled by their ``source``; the first one's SDR radii are
+            the columns.
 
     Shape:
         not a tensor function.
@@ -208,39 +230,35 @@ def comparison_table(results: Mapping[str, EvaluationResult] | Sequence[Evaluati
         >>> comparison_table([r]).splitlines()[2]
         '| x | 1 | 3.00 ± 0.00 | 0.0 | 100.0 | 100.0 | a (3.00) |'
     """
-    items = list(results.items()) if isinstance(results, Mapping) else [(r.source, r) for r in results]
-    if not items:
-        raise ValueError("no results to tabulate")
-    thresholds = items[0][1].thresholds
-    head = ["Method", "Cases", "MRE ± SD (mm)", *(f"SDR {t:g} mm (%)" for t in thresholds), "Worst fiducial (mm)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---:", "---:", *("---:" for _ in thresholds),
-                                                            "---"]) + "|"]  # fmt: skip
-    for label, result in items:
-        s = result.summary["all"]
+    items = _all_cases(results)
+    keys = list(items[0][1].get("sdr") or {})
+    head = ["Method", "Cases", "MRE ± SD (mm)", *(f"SDR {float(k):g} mm (%)" for k in keys), "Worst fiducial (mm)"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---", "---:", "---:", *("---:" for _ in keys), "---"]) + "|"]  # fmt: skip
+    for label, s, _ in items:
         sdr = s.get("sdr") or {}
         per = {n: v["mre"] for n, v in (s.get("per_landmark") or {}).items() if v.get("mre") is not None}
         worst = max(per, key=per.get) if per else None
         lines.append("| " + " | ".join([
             label, str(s["n_cases"]), f"{_cell(s['mre'], 2)} ± {_cell(s['std'], 2)}",
-            *(_cell(sdr.get(str(float(t))), 1) for t in thresholds),
+            *(_cell(sdr.get(k), 1) for k in keys),
             f"{worst} ({per[worst]:.2f})" if worst else "n/a",
         ]) + " |")  # fmt: skip
     return "\n".join(lines)
 
 
-def per_landmark_table(results: Mapping[str, EvaluationResult] | Sequence[EvaluationResult]) -> str:
-    """Markdown: one row per landmark, its MRE (mm) under each result, all cases.
+def per_landmark_table(results: Results) -> str:
+    """Markdown: one row per landmark, its MRE (mm) under each result, all cases (results as in
+    :func:`comparison_table`).
 
     Shape:
         not a tensor function.
     """
-    items = list(results.items()) if isinstance(results, Mapping) else [(r.source, r) for r in results]
-    if not items:
-        raise ValueError("no results to tabulate")
-    names = items[0][1].names
-    lines = ["| Fiducial | " + " | ".join(label for label, _ in items) + " |",
+    items = _all_cases(results)
+    names = items[0][2]
+    lines = ["| Fiducial | " + " | ".join(label for label, _, _ in items) + " |",
              "|---|" + "|".join("---:" for _ in items) + "|"]  # fmt: skip
     for name in names:
-        cells = [_cell(((r.summary["all"].get("per_landmark") or {}).get(name) or {}).get("mre"), 2) for _, r in items]
+        cells = [_cell(((s.get("per_landmark") or {}).get(name) or {}).get("mre"), 2) for _, s, _ in items]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -90,6 +90,9 @@ def test_cli_evaluate_scores_the_copies_with_names_and_sdr(copies: tuple[Case, P
     assert list(summary["all"]["sdr"]) == ["2.0", "4.0", "8.0"]
     assert list(summary["all"]["per_landmark"]) == list(NAMES)
     assert "| SDR 8 mm (%) |" in capsys.readouterr().out
+    table = comparison_table({"cli": summary, "identity": identity_reference(folder, template)})
+    assert table.splitlines()[2].startswith("| cli | 3 | ") and "| identity | 3 | " in table
+    assert per_landmark_table({"cli": summary}).splitlines()[2].startswith("| AC | ")
 
 
 def test_run_names_must_match_the_channels(tmp_path: Path) -> None:
