@@ -310,6 +310,7 @@ def _train(args: argparse.Namespace) -> int:
     val_data = LandmarkDataset(
         args.data, "val", crop_size=None, random_crop=False, target_spacing=spacing, cache=recipe.cache
     )
+    torch.manual_seed(args.seed)  # the initial weights follow --seed too (fit seeds only data order and crops after)
     model = build_model_from_config(spec)
     if hasattr(model, "_check_input"):  # a crop the network cannot take fails here, before the run folder exists
         model._check_input(torch.empty(1, 1, *crop, device="meta"))

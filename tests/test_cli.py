@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import h3de_lite.data.phantom as phantom_module
 
@@ -190,6 +191,23 @@ def test_train_command_writes_a_run_and_refuses_to_mix_runs(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(run) in err[0] and "--resume" in err[0] and "--overwrite" in err[0]
     assert before == {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+
+
+def test_train_seed_sets_the_initial_weights(small_dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    # --seed must reach the weights the network starts from, not only data order and crops: record them at fit's door.
+    import h3de_lite.training as training
+
+    starts = []
+
+    def record(model, *args, **kwargs):
+        starts.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        return {"epochs": [], "best_epoch": None}
+
+    monkeypatch.setattr(training, "fit", record)
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        torch.manual_seed(123 + len(starts))  # whatever the global generator holds before the command
+        assert main(_train_argv(small_dataset, tmp_path / name, "--seed", seed)) == 0
+    assert torch.equal(starts[0], starts[1]) and not torch.equal(starts[0], starts[2])
 
 
 @pytest.mark.parametrize(

@@ -377,7 +377,7 @@ def test_cuda_amp_trains_and_resumes(tmp_path):
     assert history["epochs"][-1]["loss"]["total"] < history["epochs"][0]["loss"]["total"]
     checkpoint = load_checkpoint(tmp_path / "a" / "last.pt")
     assert checkpoint["rng"][0]["cuda"] is not None
-    if not torch.cuda.is_bf16_supported():
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
         assert checkpoint["scaler"]["scale"] > 0  # float16 runs with a gradient scaler
     with pytest.raises(Interrupt):
         run(tmp_path / "b", on_step=_stop_at(5))
@@ -406,3 +406,14 @@ def test_cpu_bfloat16_autocast_trains(tmp_path):
     cfg = TrainConfig(epochs=1, amp=True, device="cpu", **FAST)
     history = fit(TinyHeatmapNet(), BlobDataset(4), None, cfg, run_dir=tmp_path, progress=False)
     assert math.isfinite(history["epochs"][0]["loss"]["total"])
+
+
+def test_amp_on_a_gpu_without_native_bf16_uses_float16_with_a_scaler(monkeypatch):
+    # torch reports a T4 as bf16-capable "including emulation"; emulated bf16 is far slower than fp16 + GradScaler.
+    from h3de_lite.training.engine import _amp_settings
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert _amp_settings(torch.device("cuda"), True) == (True, torch.float16, True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert _amp_settings(torch.device("cuda"), True) == (True, torch.bfloat16, False)
+    assert _amp_settings(torch.device("cuda"), False) == (False, torch.float32, False)

@@ -76,7 +76,9 @@ def _amp_settings(device: torch.device, amp: bool) -> tuple[bool, torch.dtype, b
     if not amp:
         return False, torch.float32, False
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        # bf16 only where the GPU computes in it natively (Ampere+): including_emulation would report a T4 as
+        # bf16-capable and run every matmul emulated, far slower than fp16 with a gradient scaler.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return True, torch.bfloat16, False
         return True, torch.float16, True
     if device.type == "cpu":
