@@ -22,7 +22,9 @@ Usage::
 the run's best checkpoint with ``h3de_lite.evaluation.evaluate`` (what ``h3de-lite evaluate --run RUN --data DIR
 --split . --sdr 2 4 8`` does) and the two references of :mod:`h3de_lite.references`, and writes
 ``RUN/afids_eval.md`` and ``RUN/afids_eval.json``. ``--export DIR`` writes the packaged model: ``config.json``,
-``best.pt`` with the model weights only, and ``MODEL_CARD.md`` (data attribution and licences).
+``best.pt`` with the model weights only, ``history.json``, ``card.json`` (commands, data, machine, test results; the
+book's model cards read it), ``reference.json`` (:func:`h3de_lite.pretrained.export`), ``MODEL_CARD.md`` (data
+attribution and licences) and the test tables.
 
 Explained in notebooks/09_real_anatomy.ipynb.
 """
@@ -32,8 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +54,7 @@ from h3de_lite.references import (
     per_landmark_table,
 )
 from h3de_lite.training import RECIPES, TrainConfig, build_model_from_config, fit
-from h3de_lite.training.checkpoint import load_checkpoint, write_json
+from h3de_lite.training.checkpoint import write_json
 
 RECIPE = RECIPES["afids"]
 MODEL_SPEC = {"kind": "h3de", "preset": "tiny", "num_landmarks": len(AFIDS_NAMES)}
@@ -213,18 +215,44 @@ with h3de-lite (MIT) and carry the attribution above.
 """
 
 
-def export(args: argparse.Namespace) -> Path:
-    out = args.export
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = load_checkpoint(args.out / "best.pt")
-    with atomic_output(out / "best.pt") as tmp:
-        torch.save({"model": checkpoint["model"]}, tmp)
-    shutil.copyfile(args.out / "config.json", out / "config.json")
-    for name in ("afids_eval.md", "afids_eval.json"):
-        if (args.out / name).is_file():
-            shutil.copyfile(args.out / name, out / name)
-    with atomic_output(out / "MODEL_CARD.md") as tmp:
-        tmp.write_text(MODEL_CARD.format(run=str(args.out), attribution=AFIDS_ATTRIBUTION), encoding="utf-8")
+def export(args: argparse.Namespace, argv: list[str]) -> Path:
+    """Package the run as ``args.export`` through :func:`h3de_lite.pretrained.export` (weights only, config, history,
+    ``card.json``, ``reference.json``; one atomic swap), with ``MODEL_CARD.md`` and the test tables beside them."""
+    from h3de_lite.pretrained import export as export_package
+    from h3de_lite.pretrained import machine_info
+
+    history = json.loads((args.out / "history.json").read_text(encoding="utf-8"))
+    evaluation = args.out / "afids_eval.json"
+    card = {
+        "name": args.export.name,
+        "made_with": "benchmarks/train_afids.py " + " ".join(argv),
+        "train_command": "benchmarks/train_afids.py " + " ".join(argv),
+        "train_seconds": round(sum(e.get("seconds", 0.0) for e in history["epochs"]), 1),
+        "data": {
+            "atlas": "tpl-MNI152NLin2009cAsym_res-01_T1w with its AFIDs consensus annotation",
+            "source": f"autoafids=={AUTOAFIDS_VERSION} (PyPI wheel; h3de_lite.data.afids)",
+            "n_train": 1,
+            "samples": history.get("samples"),
+            "spacing_mm": args.spacing,
+            "crop": list(args.crop),
+            "epochs": args.epochs,
+            "steps_per_epoch": args.steps_per_epoch,
+            "batch_size": args.batch_size,
+        },
+        "test": {"rigid_copies": args.n_test, "seed": args.test_seed, "max_rotation_deg": 20, "max_shift_mm": 20},
+        "machine": machine_info(),
+        "results": json.loads(evaluation.read_text(encoding="utf-8")) if evaluation.is_file() else None,
+        "attribution": AFIDS_ATTRIBUTION,
+        "licence": "AFIDs fiducials and template: CC-BY 4.0; autoafids code: MIT; weights: MIT with the attribution",
+    }
+    card["data"] = {k: v for k, v in card["data"].items() if v is not None}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_card = Path(tmp) / "MODEL_CARD.md"
+        model_card.write_text(MODEL_CARD.format(run=str(args.out), attribution=AFIDS_ATTRIBUTION), encoding="utf-8")
+        extra = {"MODEL_CARD.md": model_card}
+        extra.update({name: args.out / name for name in ("afids_eval.md", "afids_eval.json")
+                      if (args.out / name).is_file()})  # fmt: skip
+        out = export_package(args.out, args.export.name, card=card, dest=args.export.parent, extra_files=extra)
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     print(f"packaged model in {out} ({size:.1f} MiB)")
     return out
@@ -243,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate is not None:
         evaluate_run(args, template)
     if args.export is not None:
-        export(args)
+        export(args, sys.argv[1:] if argv is None else list(argv))
     return 0
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import platform
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +27,10 @@ import numpy as np
 if TYPE_CHECKING:  # evaluation imports this module lazily; keep the import one-way at run time
     from h3de_lite.evaluation import Predictor
 
-__all__ = ["WEIGHTS_DIR", "REFERENCE_CASE", "available", "weights_path", "load", "export", "reference_case", "reproduce"]
+__all__ = [
+    "WEIGHTS_DIR", "REFERENCE_CASE", "available", "weights_path", "load", "export", "reference_case", "reproduce",
+    "machine_info",
+]  # fmt: skip
 
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
 """Folder holding one sub-folder per packaged model (``<name>/config.json`` + ``<name>/best.pt``)."""
@@ -106,7 +111,8 @@ def reference_case(spec: dict[str, Any] | None = None) -> tuple[np.ndarray, np.n
         volume ``(D, H, W)`` float32 HU; spacing ``(3,)``.
     """
     spec = dict(REFERENCE_CASE if spec is None else spec)
-    volume, spacing, digest = _generated(int(spec["seed"]), tuple(int(s) for s in spec["shape"]), bool(spec["incomplete"]))
+    shape = tuple(int(s) for s in spec["shape"])
+    volume, spacing, digest = _generated(int(spec["seed"]), shape, bool(spec["incomplete"]))
     return volume.copy(), spacing.copy(), digest
 
 
@@ -124,7 +130,8 @@ def _predict_reference(source: str | Path, spec: dict[str, Any] | None = None) -
 
     volume, spacing, digest = reference_case(spec)
     predictor = load_predictor(source, device="cpu")
-    coords, present, score = predictor.predict(volume, spacing)
+    affine = np.diag([*spacing, 1.0])  # stored as RAS (a model trained on RAS-ordered arrays needs an affine)
+    coords, present, score = predictor.predict(volume, spacing, affine=affine)
     return {
         "case": dict(REFERENCE_CASE if spec is None else spec),
         "volume_sha256": digest,
@@ -136,7 +143,40 @@ def _predict_reference(source: str | Path, spec: dict[str, Any] | None = None) -
     }
 
 
-def export(run_dir: str | Path, name: str, *, card: dict[str, Any], dest: str | Path | None = None) -> Path:
+def machine_info() -> dict[str, str | int]:
+    """The machine a model is trained on, as model cards record it: CPU model, usable cores, torch threads, GPU.
+
+    Shape:
+        not a tensor function.
+    """
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def export(
+    run_dir: str | Path,
+    name: str,
+    *,
+    card: dict[str, Any],
+    dest: str | Path | None = None,
+    extra_files: dict[str, str | Path] | None = None,
+) -> Path:
     """Package a training run as the pretrained model ``name``: weights only, its config, history, card, reference.
 
     Writes ``<dest>/<name>/`` (default :data:`WEIGHTS_DIR`): ``config.json`` and ``history.json`` copied from the run,
@@ -150,13 +190,15 @@ def export(run_dir: str | Path, name: str, *, card: dict[str, Any], dest: str | 
         name: package name (a folder name: letters, digits, ``-``, ``_``).
         card: JSON-able description (commands, data seed and size, training time, hardware, notes).
         dest: parent folder (default :data:`WEIGHTS_DIR`).
+        extra_files: ``{file name in the package: source path}`` copied in as well (e.g. a model card in Markdown,
+            evaluation tables); part of the same atomic swap.
 
     Returns:
         The package folder.
 
     Raises:
-        FileNotFoundError: the run has no ``config.json`` or ``best.pt``.
-        ValueError: a bad ``name``.
+        FileNotFoundError: the run has no ``config.json`` or ``best.pt``, or an ``extra_files`` source is missing.
+        ValueError: a bad ``name`` or extra file name.
 
     Shape:
         not a tensor function.
@@ -171,6 +213,13 @@ def export(run_dir: str | Path, name: str, *, card: dict[str, Any], dest: str | 
     for needed in ("config.json", "best.pt"):
         if not (run_dir / needed).is_file():
             raise FileNotFoundError(f"{str(run_dir / needed)!r} is missing; pass a finished run folder with validation")
+    extra = {str(k): Path(v) for k, v in (extra_files or {}).items()}
+    for file_name, source in extra.items():
+        if Path(file_name).name != file_name or file_name in {"config.json", "history.json", "best.pt", "card.json",
+                                                              "reference.json"}:  # fmt: skip
+            raise ValueError(f"extra file name {file_name!r} must be a plain file name other than the package's own")
+        if not source.is_file():
+            raise FileNotFoundError(f"extra file {str(source)!r} for {file_name!r} does not exist")
     parent = Path(WEIGHTS_DIR if dest is None else dest)
     parent.mkdir(parents=True, exist_ok=True)
     staging = parent / f".{name}.partial"
@@ -182,6 +231,8 @@ def export(run_dir: str | Path, name: str, *, card: dict[str, Any], dest: str | 
             shutil.copy2(run_dir / "history.json", staging / "history.json")
         state = load_checkpoint(run_dir / "best.pt", map_location="cpu")["model"]
         torch.save({"model": {k: v.detach().clone() for k, v in state.items()}}, staging / "best.pt")
+        for file_name, source in extra.items():
+            shutil.copy2(source, staging / file_name)
         write_json(staging / "card.json", card)
         write_json(staging / "reference.json", _predict_reference(staging))
         final = parent / name

@@ -97,3 +97,26 @@ def test_shipped_model_reproduces_recorded_predictions(name):
     result = pretrained.reproduce(name)
     assert result["now"]["volume_sha256"] == result["recorded"]["volume_sha256"], "the phantom generator changed"
     assert result["max_diff"] < 1e-4
+
+
+def test_export_carries_extra_files_and_a_ras_model_reproduces(tmp_path, monkeypatch, small_reference):
+    # The afids model reads RAS-ordered arrays (it needs the scan's affine): its reference case must still record.
+    run = tmp_path / "run"
+    run.mkdir()
+    _fake_run(run)
+    config = json.loads((run / "config.json").read_text())
+    config["data"].update(orientation="RAS", percentiles=[0.5, 99.5])
+    write_json(run / "config.json", config)
+    card_md = tmp_path / "MODEL_CARD.md"
+    card_md.write_text("# demo\n")
+    dest = tmp_path / "weights"
+    folder = pretrained.export(run, "demo", card={}, dest=dest, extra_files={"MODEL_CARD.md": card_md})
+    assert (folder / "MODEL_CARD.md").read_text() == "# demo\n"
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", dest)
+    assert pretrained.load("demo", device="cpu").orientation == "RAS"
+    assert pretrained.reproduce("demo")["max_diff"] < 1e-4
+    with pytest.raises(ValueError, match="plain file name"):
+        pretrained.export(run, "demo", card={}, dest=dest, extra_files={"card.json": card_md})
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        pretrained.export(run, "demo", card={}, dest=dest, extra_files={"x.md": tmp_path / "nowhere.md"})
+    assert (folder / "MODEL_CARD.md").is_file()  # refused exports leave the package as it was

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -49,27 +47,6 @@ def _run(command: list[str], log: list[dict]) -> float:
     log.append({"command": shlex.join(command), "seconds": round(seconds, 1)})
     print(f"  ({seconds:.0f} s)", flush=True)
     return seconds
-
-
-def _machine() -> dict[str, str | int]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "results.json").write_text(json.dumps({"results": results, "log": log}, indent=1))
 
     if args.export:
-        from h3de_lite.pretrained import export
+        from h3de_lite.pretrained import export, machine_info
 
         for name in SHIPPED:
             if name not in results:
@@ -121,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_seconds": round(made[name]["seconds"], 1),
                 "data": {"phantom": "v2", "seed": 0, "n_train": 24, "n_val": 4},
                 "test": {"phantom": "v2", "seed": args.test_seed, "n_test": args.n_test, "incomplete_fraction": 0.3},
-                "machine": _machine(),
+                "machine": machine_info(),
                 "results": results,
                 "commands": log,
             }
