@@ -100,6 +100,38 @@ def test_code_lines_fit_the_page(path: Path) -> None:
     assert not long, f"{len(long)} code lines longer than {MAX_LINE} characters:\n" + "\n".join(long)
 
 
+def _figures(path: Path) -> dict[str, str]:
+    """``{name: caption}`` of the cells whose output the book shows as a numbered figure (MyST-NB cell metadata)."""
+    figures = {}
+    for index, cell in enumerate(_load(path)["cells"]):
+        figure = cell["metadata"].get("mystnb", {}).get("figure")
+        if figure is not None:
+            assert cell["cell_type"] == "code", f"cell {index}: a figure caption on a {cell['cell_type']} cell"
+            assert figure.get("name") and figure.get("caption"), f"cell {index}: a figure needs a name and a caption"
+            assert figure["name"] not in figures, f"cell {index}: figure name {figure['name']!r} used twice"
+            figures[figure["name"]] = figure["caption"]
+    return figures
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_has_numbered_figures_that_its_text_cites(path: Path) -> None:
+    """At least one captioned figure per page; every {numref} resolves to a figure of the page, named fig-NN-...
+
+    The book builds with -W, where an unknown {numref} target fails the build; this finds it without a build.
+    """
+    figures = _figures(path)
+    assert figures, "no numbered figure: give the main figure's cell metadata mystnb.figure {name, caption}"
+    number = path.name[:2]
+    assert all(name.startswith(f"fig-{number}-") for name in figures), sorted(figures)
+    cited = {
+        target
+        for cell in _load(path)["cells"]
+        if cell["cell_type"] == "markdown"
+        for target in re.findall(r"\{numref\}`(?:[^`<]*<)?([^`>]+)>?`", _source(cell))
+    }
+    assert cited <= set(figures), f"{{numref}} without a figure: {sorted(cited - set(figures))}"
+
+
 def test_repository_url_is_the_same_in_config_and_pyproject() -> None:
     url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"].rstrip("/")
     pyproject = (ROOT / "pyproject.toml").read_text()
