@@ -31,6 +31,13 @@ Usage::
     python benchmarks/attention.py                              # CPU, 1 and all threads, grids 16×16×8 … 64×64×32
     python benchmarks/attention.py --threads 1,2 --grids 32x32x16 # the acceptance setting only
     python benchmarks/attention.py --device cuda --dense-max-tokens 131072
+    python benchmarks/attention.py --threads 1,2 --repeats 5 --save book/results/attention.md  # the book's table
+    python benchmarks/attention.py --from-log run.txt --save book/results/attention.md  # from a run's stdout+stderr
+
+``--save PATH`` also writes the printed report to a Markdown file (``benchmarks/_report.py``). ``--from-log FILE``
+measures nothing: it reads what a run printed (stdout and stderr together, e.g. ``... 2>&1 | tee run.txt``), checks
+that every table in it is the one this script renders from the run's own ``measured`` progress lines, and prints (and
+with ``--save`` writes) the report part, the progress lines left out.
 
 Explained in book/benchmark_attention.md.
 """
@@ -38,17 +45,21 @@ Explained in book/benchmark_attention.md.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import gc
 import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+from _report import add_save_option, saved_report  # benchmarks/_report.py
 from _rss import reset_peak, rss_kib  # benchmarks/_rss.py
 
 METHODS = ("dense", "naive", "gather", "flex")
@@ -406,13 +417,30 @@ def main(argv: list[str] | None = None) -> int:
         default=2.0,
         help="skip the naive gather's backward when its (R, R, T, C) gradient buffers exceed this",
     )
+    parser.add_argument(
+        "--from-log",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="measure nothing: print (and --save) the report of an earlier run from what it printed (stdout+stderr)",
+    )
+    add_save_option(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
+    with saved_report(args.save):
+        if args.from_log is not None:
+            print(report_from_log(args.from_log.read_text(encoding="utf-8")), end="")
+            return 0
+        return _benchmark(args, parser)
 
+
+def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Measure every thread count, grid and method of ``args``; print the header, one table per thread count, the
+    notes and the acceptance checks (the report)."""
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -459,6 +487,48 @@ def main(argv: list[str] | None = None) -> int:
     for line in list(dict.fromkeys(notes)) + checks:
         print(f"- {line}")
     return 0
+
+
+_MEASURED = re.compile(r"^  measured (\w+)\s+(\d+)×(\d+)×(\d+) threads=(\w+): (\{.*\})$")
+
+
+def report_from_log(text: str) -> str:
+    """The report part of what a run of this script printed to stdout and stderr together, checked.
+
+    The ``  measured ...`` progress lines (stderr) hold each method's raw results; every other line is the report. Each
+    table is rendered again from the measured lines of its thread count (:func:`_table`; the k-th table belongs to the
+    k-th thread count of the measured lines, however stdout and stderr were interleaved) and must equal the printed
+    one: a table edited by hand, or printed by another version of the script, is refused.
+
+    Raises:
+        ValueError: if the text holds no table, or a printed table differs from the one its measured lines give.
+    """
+    measured: dict[str, dict[tuple, dict]] = {}  # thread count as printed -> {(grid, method): results}
+    report: list[str] = []
+    for line in text.splitlines():
+        match = _MEASURED.match(line)
+        if match:
+            grid = tuple(int(g) for g in match.group(2, 3, 4))
+            measured.setdefault(match[5], {})[(grid, match[1])] = ast.literal_eval(match[6])
+        else:
+            report.append(line)
+    starts = [i for i, line in enumerate(report) if line.startswith("| grid (tokens) |")]
+    if not starts or len(starts) != len(measured):
+        raise ValueError(
+            f"found {len(starts)} table(s) and measured lines for {len(measured)} thread count(s): expected what "
+            "`python benchmarks/attention.py ...` printed, stdout and stderr together"
+        )
+    for start, rows in zip(starts, measured.values(), strict=True):
+        grids = list(dict.fromkeys(grid for grid, _ in rows))
+        methods = tuple(m for m in METHODS if any((g, m) in rows for g in grids))
+        rows = {(grid, method): rows.get((grid, method), {}) for grid in grids for method in METHODS}
+        expected = _table(rows, grids, methods)
+        if report[start : start + len(expected)] != expected:
+            raise ValueError(
+                f"the table at report line {start + 1} differs from the one its measured lines give: the log was "
+                "edited or comes from another version of benchmarks/attention.py"
+            )
+    return "\n".join(report).strip("\n") + "\n"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ and resampling included), measured in the same run.
 Usage::
 
     python benchmarks/inference_strategies.py --run runs/tiny --data data/phantom-test --split test
+    python benchmarks/inference_strategies.py --run runs/tiny --data data/phantom-test --split test \
+        --save book/results/inference_strategies.md      # the book's table
+
+``--save PATH`` also writes the printed report to a Markdown file (``benchmarks/_report.py``).
 
 Explained in book/benchmark_training.md (whole-volume inference).
 """
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import add_save_option, saved_report  # benchmarks/_report.py
 
 
 def main() -> None:
@@ -31,8 +36,15 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["sliding", "coarse_to_fine"])
     parser.add_argument("--overlaps", type=float, nargs="+", default=[0.25, 0.5], help="sliding strategy only")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_save_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    with saved_report(args.save):
+        _benchmark(args)
+
+
+def _benchmark(args: argparse.Namespace) -> None:
+    """Evaluate every strategy (and overlap); print the header and the table (the report)."""
 
     from h3de_lite.evaluation import evaluate, load_predictor, find_cases
 

@@ -22,6 +22,9 @@ Usage::
     python benchmarks/memory.py                                   # paper preset, 128×128×64, batch 1, CPU
     python benchmarks/memory.py --batch 2 --channels-last --threads 2
     python benchmarks/memory.py --preset tiny --size 64x64x32     # a quick run
+    python benchmarks/memory.py --repeats 3 --save book/results/memory.md   # the book's table
+
+``--save PATH`` also writes the printed report to a Markdown file (``benchmarks/_report.py``).
 
 Explained in book/benchmark_attention.md (section "Training memory").
 """
@@ -41,6 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import add_save_option, saved_report  # benchmarks/_report.py
 from _rss import reset_peak, rss_kib  # benchmarks/_rss.py
 
 ACCEPT_CUT = 0.30  # checkpointing must cut the step's peak memory by at least this fraction
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--channels-last", action="store_true", help="also measure channels_last_3d memory format")
+    add_save_option(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -176,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         result = _time_worker(cfg) if cfg["measure"] == "time" else _memory_worker(cfg)
         print(json.dumps(result))
         return 0
+    with saved_report(args.save):
+        return _benchmark(args, parser)
 
+
+def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Measure every setting; print the header, the table, the notes and the acceptance check (the report)."""
     import torch
 
     from h3de_lite.config import get_preset

@@ -5,12 +5,15 @@ Each row builds one network, counts its parameters, counts the FLOPs of one forw
 and times ``--repeats`` forward passes at batch 1 under ``torch.no_grad()`` after one warm-up pass (round-robin over
 the models of a group), reporting the median and the minimum. A first table gives, per encoder stage of the
 ``paper`` preset, the analytic FLOPs of dense and of routed attention: the reason for the CNN / V-BRA split.
-Tables are printed as Markdown, ready for book/benchmark_models.md.
+Tables are printed as Markdown, ready for book/benchmark_models.md, followed by notes that compare the rows (the
+ratios the book's text discusses).
 
 Usage:
     python benchmarks/models.py                      # everything (a few minutes on 2 CPU cores)
     python benchmarks/models.py --scale tiny         # only the 64×64×32 group
-    python benchmarks/models.py --repeats 5 --threads 2
+    python benchmarks/models.py --repeats 5 --threads 2 --save book/results/models.md   # the book's tables
+
+``--save PATH`` also writes the printed report to a Markdown file (``benchmarks/_report.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from _report import add_save_option, saved_report  # benchmarks/_report.py
 from h3de_lite.config import get_preset
 from h3de_lite.models.baselines import build_baseline
 from h3de_lite.models.h3de_net import _EXTRA_FLOP_FORMULAS, H3DENet, count_parameters, model_flops
@@ -35,12 +40,13 @@ from h3de_lite.models.h3de_net import _EXTRA_FLOP_FORMULAS, H3DENet, count_param
 
 @dataclass(frozen=True)
 class Row:
-    """One benchmarked network: a label, how to build it, and its input ``(D, H, W)``."""
+    """One benchmarked network: a label, how to build it, its input ``(D, H, W)`` and a key the notes refer to."""
 
     scale: str
     label: str
     build: Callable[[], nn.Module]
     size: tuple[int, int, int]
+    key: str = ""
 
 
 def _h3de(name: str, **overrides: object) -> Callable[[], nn.Module]:
@@ -55,14 +61,14 @@ def rows() -> list[Row]:
     """The benchmark's table rows: the paper scale at 128×128×64, then the CPU "tiny" scale at 64×64×32."""
     paper, tiny = get_preset("paper").input_size, get_preset("tiny").input_size
     return [
-        Row("paper", "H3DE-Net `paper` (anchor-free)", _h3de("paper"), paper),
-        Row("paper", "H3DE-Net `paper-incomplete` (anchor, n_a = 3)", _h3de("paper-incomplete"), paper),
-        Row("paper", "H3DE-Net `paper`, use_ffm=False", _h3de("paper", use_ffm=False), paper),
-        Row("paper", "H3DE-Net `paper`, use_srb=False", _h3de("paper", use_srb=False), paper),
-        Row("paper", "H3DE-Net `paper`, use_vbra=False", _h3de("paper", use_vbra=False), paper),
-        Row("paper", "3D U-Net (MONAI BasicUNet)", _baseline("unet3d", "paper"), paper),
-        Row("paper", "V-Net (MONAI VNet)", _baseline("vnet", "paper"), paper),
-        Row("paper", "Residual 3D U-Net (MONAI UNet)", _baseline("resunet3d", "paper"), paper),
+        Row("paper", "H3DE-Net `paper` (anchor-free)", _h3de("paper"), paper, "paper"),
+        Row("paper", "H3DE-Net `paper-incomplete` (anchor, n_a = 3)", _h3de("paper-incomplete"), paper, "anchor"),
+        Row("paper", "H3DE-Net `paper`, use_ffm=False", _h3de("paper", use_ffm=False), paper, "use_ffm=False"),
+        Row("paper", "H3DE-Net `paper`, use_srb=False", _h3de("paper", use_srb=False), paper, "use_srb=False"),
+        Row("paper", "H3DE-Net `paper`, use_vbra=False", _h3de("paper", use_vbra=False), paper, "use_vbra=False"),
+        Row("paper", "3D U-Net (MONAI BasicUNet)", _baseline("unet3d", "paper"), paper, "unet3d"),
+        Row("paper", "V-Net (MONAI VNet)", _baseline("vnet", "paper"), paper, "vnet"),
+        Row("paper", "Residual 3D U-Net (MONAI UNet)", _baseline("resunet3d", "paper"), paper, "resunet3d"),
         Row("tiny", "H3DE-Net `tiny` (anchor-free)", _h3de("tiny"), tiny),
         Row("tiny", "H3DE-Net `tiny`, head=anchor (n_a = 3)", _h3de("tiny", head="anchor", anchors="multi"), tiny),
         Row("tiny", "3D U-Net tiny", _baseline("unet3d", "tiny"), tiny),
@@ -75,15 +81,19 @@ def _gflops(value: float) -> str:
     return f"{value:,.2f}" if value >= 0.01 else f"{value:.1e}"
 
 
-def stage_table(preset: str = "paper") -> None:
+def stage_table(preset: str = "paper") -> list[dict]:
     """Print, per encoder stage of a preset at its input size, the token count and the attention-core FLOPs per block.
 
     Analytic counts of the two attention matmuls (``QKᵀ`` and ``AV``, multiply–add = 2 FLOPs) with ``qk_dim = C``:
     dense attention over all N tokens costs ``4·N²·C``; V-BRA, where each token attends to the ``k·T`` tokens of its
     region's k routed regions, costs ``4·N·k·T·C`` (plus the negligible ``R²·C`` routing). Conv stages are shown with
     the V-BRA they would have with the preset's (unused) region grid and top-k.
+
+    Returns:
+        Per stage, ``{"type", "dense", "vbra"}``: its kind and the two GFLOPs columns.
     """
     cfg = get_preset(preset)
+    stages = []
     print(f"Encoder stages of `{preset}` at {'×'.join(map(str, cfg.input_size))}: attention-core GFLOPs per block")
     print("(analytic: dense 4·N²·C, V-BRA 4·N·k·T·C)\n")
     print("| stage | type | resolution | tokens N | C | regions S | T per region | k | dense | V-BRA |")
@@ -101,15 +111,21 @@ def stage_table(preset: str = "paper") -> None:
         dense = 4 * tokens**2 * dim / 1e9
         routed = 4 * tokens * k * per_region * dim / 1e9
         kind = cfg.stage_types[i]
+        stages.append({"type": kind, "dense": dense, "vbra": routed})
         print(
             f"| E_{i + 1} | {kind} | H/{2 ** (i + 1)} ({'×'.join(map(str, size))}) | {tokens} | {dim} | "
             f"{'×'.join(map(str, grid))} | {per_region} | {k} | {_gflops(dense)} | {_gflops(routed)} |"
         )
     print()
+    return stages
 
 
-def flop_breakdown(preset: str = "paper") -> None:
-    """Print where a preset's forward FLOPs go, by part of the network and by kind of operation."""
+def flop_breakdown(preset: str = "paper") -> dict:
+    """Print where a preset's forward FLOPs go, by part of the network and by kind of operation.
+
+    Returns:
+        GFLOPs: ``{"total", "stages": [E_1 … E_5], "attention"}`` (the last: the attention kernels, QKᵀ and AV).
+    """
     cfg = get_preset(preset)
     model = H3DENet.from_preset(preset).eval()
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
@@ -141,16 +157,73 @@ def flop_breakdown(preset: str = "paper") -> None:
         children = [k for k in per_module if k.startswith(key + ".") and "." not in k[len(key) + 1 :]]
         return sum(sum(per_module[k].values()) for k in children)
 
+    stages = []
     for label, key in parts:
         flops = module_flops(key)
+        if key.startswith("H3DENet.stages."):
+            stages.append(flops / 1e9)
         print(f"| {label} | {flops / 1e9:.1f} | {100 * flops / total:.0f} % |")
     print("\n| operation | GFLOPs | share |")
     print("|---|---:|---:|")
     global_counts = {str(op): n for op, n in per_module["Global"].items()}
+    by_kind = {}
     for label, ops in kinds.items():
         flops = sum(global_counts.get(op, 0) for op in ops)
+        by_kind[label] = flops / 1e9
         print(f"| {label} | {flops / 1e9:.1f} | {100 * flops / total:.0f} % |")
     print()
+    return {"total": total / 1e9, "stages": stages, "attention": by_kind["attention (QKᵀ, AV)"]}
+
+
+def notes(stages: list[dict], breakdown: dict, measured: dict[str, dict]) -> list[str]:
+    """The comparisons the book's text makes, computed from the tables (one Markdown list item each, without ``- ``).
+
+    Args:
+        stages: :func:`stage_table`'s result for ``paper``.
+        breakdown: :func:`flop_breakdown`'s result for ``paper``.
+        measured: per :class:`Row` key (and label for rows without one), ``{"params", "gflops", "median", "min"}``:
+            parameters in M, GFLOPs, latency in ms.
+    """
+    total = breakdown["total"]
+    e1 = stages[0]
+    lines = [
+        f"E_1 (H/2), one block: dense attention {e1['dense']:,.0f} GFLOPs = {e1['dense'] / total:.1f}× the whole "
+        f"`paper` forward pass ({total:.1f} GFLOPs), V-BRA {e1['vbra']:.1f} GFLOPs = {e1['vbra'] / total:.2f}× it; "
+        f"the convolutional stage E_1 as built: {breakdown['stages'][0]:.1f} GFLOPs",
+    ]
+    vbra = [i for i, stage in enumerate(stages) if stage["type"] == "vbra"]
+    if vbra:
+        flops, attention = sum(breakdown["stages"][i] for i in vbra), breakdown["attention"]
+        names = f"E_{vbra[0] + 1} … E_{vbra[-1] + 1}" if len(vbra) > 1 else f"E_{vbra[0] + 1}"
+        lines.append(
+            f"V-BRA stages {names} together: {flops:.1f} GFLOPs ({100 * flops / total:.0f} % of the forward pass); the "
+            f"attention kernels (QKᵀ, AV) alone: {attention:.1f} GFLOPs ({100 * attention / total:.0f} %)"
+        )
+    paper = measured.get("paper")
+
+    def ratios(row: dict, ref: dict) -> str:
+        return (
+            f"parameters ×{row['params'] / ref['params']:.2f}, FLOPs ×{row['gflops'] / ref['gflops']:.2f}, "
+            f"latency (minimum) ×{row['min'] / ref['min']:.2f}"
+        )
+
+    if paper is not None:
+        for key, name in (("unet3d", "the 3D U-Net"), ("vnet", "V-Net")):
+            if key in measured:
+                lines.append(f"`paper` against {name}: {ratios(paper, measured[key])}")
+        if "anchor" in measured:
+            anchor = measured["anchor"]
+            lines.append(
+                f"`paper-incomplete` (anchor head) against `paper`: {anchor['params'] - paper['params']:+.2f} M "
+                f"parameters, {anchor['gflops'] - paper['gflops']:+.1f} GFLOPs"
+            )
+        for key in ("use_ffm=False", "use_srb=False", "use_vbra=False"):
+            if key in measured:
+                lines.append(f"`paper`, {key} against `paper`: {ratios(measured[key], paper)}")
+    if measured:
+        spread = max(row["median"] / row["min"] - 1 for row in measured.values())
+        lines.append(f"latency: in every row the median is at most {100 * spread:.0f} % above the minimum")
+    return lines
 
 
 def _forward_ms(model: nn.Module, x: torch.Tensor) -> float:
@@ -185,7 +258,7 @@ def latencies_ms(
     return [(statistics.median(t), min(t)) for t in times]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=("all", "paper", "tiny"), default="all", help="which group of rows")
     parser.add_argument(
@@ -193,9 +266,17 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    args = parser.parse_args()
+    add_save_option(parser)
+    args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    with saved_report(args.save):
+        _benchmark(args)
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> None:
+    """Print the report: header, stage table, FLOP breakdown, the table of rows and the notes."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -210,8 +291,9 @@ def main() -> None:
         "the models of a group are timed round-robin"
     )
     print(f"1-minute load average at start: {os.getloadavg()[0]:.1f} (other processes share the CPU when > 0)\n")
-    stage_table("paper")
-    flop_breakdown("paper")
+    stages = stage_table("paper")
+    breakdown = flop_breakdown("paper")
+    measured: dict[str, dict] = {}
     print("| model | input (D×H×W) | parameters (M) | GFLOPs | latency median (ms) | latency min (ms) |")
     print("|---|---|---:|---:|---:|---:|")
     for scale in ("paper", "tiny"):
@@ -226,9 +308,13 @@ def main() -> None:
             gflops = model_flops(model, shape) / 1e9
             size = "×".join(map(str, row.size))
             print(f"| {row.label} | {size} | {params:.2f} | {gflops:.1f} | {median:.0f} | {fastest:.0f} |", flush=True)
+            measured[row.key or row.label] = {"params": params, "gflops": gflops, "median": median, "min": fastest}
         del models
+    print()
+    for line in notes(stages, breakdown, measured):
+        print(f"- {line}")
     print(f"\n1-minute load average at end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

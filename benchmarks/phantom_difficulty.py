@@ -21,10 +21,16 @@ prints one table:
   the load, the CPU time much less. The first case that holds metal also builds the projector (about 0.4 s, cached
   for the rest of the process).
 
+Under the table, one line per target of issue 10 says whether v2 meets it (``PASS`` / ``FAIL``), and with both
+difficulties a line compares v2 with v1.
+
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/phantom_difficulty.py                    # 50 cases, v1 and v2, 192×192×128
     python benchmarks/phantom_difficulty.py --cases 12 --shape 112 112 80 --difficulty v2
+    OMP_NUM_THREADS=1 python benchmarks/phantom_difficulty.py --save book/results/phantom_difficulty.md  # the book's
+
+``--save PATH`` also writes the printed report to a Markdown file (``benchmarks/_report.py``).
 """
 
 from __future__ import annotations
@@ -34,16 +40,24 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core, before NumPy / SciPy start their thread pools
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 
 import numpy as np  # noqa: E402
+from _report import add_save_option, saved_report  # noqa: E402  (benchmarks/_report.py)
 
 from h3de_lite.data.phantom import DEFAULT_SHAPE, Tissue, _dataset_jobs, generate_phantom  # noqa: E402
 from h3de_lite.data.phantom_teeth import SITUATIONS, THIRD_MOLAR_CLASSES  # noqa: E402
 
 TOOTH = (Tissue.ENAMEL, Tissue.DENTIN, Tissue.PULP)
+# issue 10's targets for v2
+RESIDUAL_MM = (2.0, 4.0)  # Procrustes residual
+BRIGHT_SHARE = 0.25  # cases with non-tooth brighter than enamel
+NON_TOOTH_SHARE = 0.10  # non-tooth share above the enamel threshold
+MOLAR_SHARE = 0.33  # cases with an impacted or tilted third molar
+SECONDS_BUDGET = 5.0  # CPU seconds per case, one thread
 
 
 def procrustes_residual(shapes: np.ndarray, iterations: int = 20) -> float:
@@ -152,6 +166,45 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def checks(results: list[dict]) -> list[str]:
+    """One line per target for each v2 result (``PASS`` / ``FAIL`` and the value), and v2 against v1 when both ran."""
+    lines = []
+    by_difficulty = {r["difficulty"]: r for r in results}
+    r = by_difficulty.get("v2")
+    if r is not None:
+
+        def verdict(ok: bool) -> str:
+            return "PASS" if ok else "FAIL"
+
+        residual = r["procrustes_residual_mm"]
+        lo, hi = RESIDUAL_MM
+        lines.append(f"target: v2 Procrustes residual in {lo:g}–{hi:g} mm: {verdict(lo <= residual <= hi)} "
+                     f"({residual:.2f} mm)")  # fmt: skip
+        for key, target, what in (
+            ("brighter_than_enamel_share", BRIGHT_SHARE, "v2 cases with non-tooth brighter than enamel"),
+            ("non_tooth_above_threshold_share", NON_TOOTH_SHARE, "v2 non-tooth share above the enamel threshold"),
+            ("third_molar_impacted_or_tilted_share", MOLAR_SHARE, "v2 cases with an impacted or tilted third molar"),
+        ):
+            lines.append(f"target: {what} ≥ {100 * target:.0f} %: {verdict(r[key] >= target)} ({100 * r[key]:.1f} %)")
+        counts = r["situations"]
+        lines.append(
+            f"target: every missing-tooth situation occurs in v2: {verdict(min(counts.values()) > 0)} "
+            f"({min(counts.values())} to {max(counts.values())} cases each)"
+        )
+        lines.append(
+            f"target: v2 CPU seconds per case, one thread, ≤ {SECONDS_BUDGET:g} s: "
+            f"{verdict(r['cpu_seconds_max'] <= SECONDS_BUDGET)} (mean {r['cpu_seconds_per_case']:.2f} s, "
+            f"max {r['cpu_seconds_max']:.2f} s)"
+        )
+        v1 = by_difficulty.get("v1")
+        if v1 is not None:
+            lines.append(
+                f"v2 against v1: Procrustes residual ×{residual / v1['procrustes_residual_mm']:.1f}, CPU seconds per "
+                f"case ×{r['cpu_seconds_per_case'] / v1['cpu_seconds_per_case']:.2f}"
+            )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=2026, help="master seed of the dataset (a fresh one)")
@@ -159,17 +212,29 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("D", "H", "W"))
     parser.add_argument("--difficulty", choices=["v1", "v2", "both"], default="both")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    add_save_option(parser)
     args = parser.parse_args()
+    with saved_report(args.save):
+        _benchmark(args)
+
+
+def _benchmark(args: argparse.Namespace) -> None:
+    """Measure every difficulty asked for; print the header, the table and the target lines (the report)."""
     jobs = _dataset_jobs(args.seed, {"train": args.cases, "val": 0, "test": 0}, 0.3)
     shape = tuple(args.shape)
     difficulties = ["v1", "v2"] if args.difficulty == "both" else [args.difficulty]
     start = time.time()
     results = [measure(d, jobs, shape) for d in difficulties]
     load = os.getloadavg()
-    print(f"# phantom difficulty: seed {args.seed}, {args.cases} cases of {shape}, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS')}, {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} / "
-          f"{load[2]:.1f}, {time.time() - start:.0f} s in all\n")  # fmt: skip
+    print(f"# phantom difficulty — {datetime.date.today().isoformat()}: seed {args.seed}, {args.cases} cases of "
+          f"{shape}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, {os.cpu_count()} CPUs, load average "
+          f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, {time.time() - start:.0f} s in all\n")  # fmt: skip
     print(table(results))
+    lines = checks(results)
+    if lines:
+        print()
+        for line in lines:
+            print(f"- {line}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"seed": args.seed, "shape": list(shape), "load_average": load, "results": results}, handle,

@@ -51,6 +51,10 @@ Usage::
     python benchmarks/training.py --groups paper --steps 1 --one-worker --skip-inference   # 128×128×64 on a CPU
     python benchmarks/training.py --device cuda --amp --json out.json
     python benchmarks/training.py --device cuda --amp --compile
+    python benchmarks/training.py --groups tiny --steps 5 --threads 2 --save book/results/training_tiny.md
+
+``--save PATH`` also writes the printed report to a Markdown file (``benchmarks/_report.py``); ``--json`` keeps
+every raw result (single step times, warm-up times, memory before the step).
 
 Explained in book/benchmark_training.md.
 """
@@ -72,6 +76,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _report import add_save_option, saved_report  # benchmarks/_report.py
 from _rss import reset_peak, rss_kib  # benchmarks/_rss.py
 
 #: crop groups: (preset / baseline size, default crop, default timed steps)
@@ -409,13 +414,19 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true",
         help="smoke run: tiny group only, 2 steps, a 96×96×64 volume, one inference call, no estimate",
     )  # fmt: skip
+    add_save_option(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
+    with saved_report(args.save):
+        return _benchmark(args, parser, sys.argv[1:] if argv is None else argv)
 
+
+def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """Measure the training rows, the memory estimate and the inference rows of ``args``; print the report."""
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -454,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "warmup": warmup,
         "load_at_start": os.getloadavg(),
-        "command": "python benchmarks/training.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/training.py " + " ".join(argv),
         "training": [],
         "estimate": None,
         "inference": [],

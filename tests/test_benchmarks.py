@@ -1,0 +1,63 @@
+"""The benchmark scripts' reports: ``--save`` writes what the script prints, as the Markdown the book includes."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import a module of benchmarks/ the way the scripts do (their folder first on ``sys.path``)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module
+
+
+def test_save_writes_the_printed_report(tmp_path, bench):
+    out = tmp_path / "results" / "phantom.md"  # the folder does not exist yet
+    command = ["benchmarks/phantom.py", "--cases", "1", "--shape", "64", "64", "48", "--no-memory", "--save", str(out)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    printed = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    first, body = out.read_text(encoding="utf-8").split("\n\n", 1)
+    assert first == f"% Written by `python {' '.join(command)}`; not edited by hand."
+    assert body == bench("_report").to_markdown(printed.stdout)
+    assert "| case seed |" in body and "```text\ndate: " in body
+    assert [p.name for p in out.parent.iterdir()] == ["phantom.md"]  # no temporary file left beside it
+
+
+def test_markdown_fences_text_and_keeps_tables_lists_and_headings(bench):
+    printed = "# run 1\n# load 0.1\n\n## 1 thread\n\n| a |\n|---|\n| 1 |\n\n- note\n  continued\n- PASS\nend\n"
+    expected = (
+        "```text\n# run 1\n# load 0.1\n```\n\n## 1 thread\n\n| a |\n|---|\n| 1 |\n\n- note\n  continued\n- PASS\n\n"
+        "```text\nend\n```\n"
+    )
+    assert bench("_report").to_markdown(printed) == expected
+
+
+def test_attention_report_from_log_checks_the_tables_against_the_measured_lines(bench):
+    attention = bench("attention")
+    grid = (4, 4, 4)
+    rows = {
+        (grid, "dense"): {"fwd_ms": 2.0, "fwd_n": 3, "fwd_mb": 1.0},
+        (grid, "gather"): {"fwd_ms": 0.5, "fwd_n": 5, "fwd_mb": 0.5},
+    }
+    measured = [f"  measured {m:6s} 4×4×4 threads=1: {values}" for (_, m), values in rows.items()]
+    rows.update({(grid, m): {} for m in ("naive", "flex")})
+    table = attention._table(rows, [grid], ("dense", "gather"))
+    log = "\n".join(["# header", *measured, "", "## 1 thread", "", *table, "", "- acceptance: PASS"]) + "\n"
+    report = attention.report_from_log(log)
+    assert report == "\n".join(["# header", "", "## 1 thread", "", *table, "", "- acceptance: PASS"]) + "\n"
+    with pytest.raises(ValueError, match="differs"):
+        attention.report_from_log(log.replace("| 2.0 |", "| 1.9 |"))
