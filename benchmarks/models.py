@@ -143,7 +143,8 @@ def flop_breakdown(preset: str = "paper") -> dict:
     ]
     kinds = {
         "convolution": ("aten.convolution",),
-        "linear (qkv, projections, MLP)": ("aten.addmm", "aten.mm"),
+        # V-BRA projects through oneDNN in float32 inference (h3de_lite.layers.attention._linear)
+        "linear (qkv, projections, MLP)": ("aten.addmm", "aten.mm", "mkldnn._linear_pointwise"),
         "attention (QKᵀ, AV)": ("aten._scaled_dot_product_flash_attention_for_cpu", "aten.bmm"),
     }
     print(f"Forward GFLOPs of `{preset}` at {'×'.join(map(str, cfg.input_size))}, total {total / 1e9:.1f}\n")
@@ -171,6 +172,10 @@ def flop_breakdown(preset: str = "paper") -> dict:
         flops = sum(global_counts.get(op, 0) for op in ops)
         by_kind[label] = flops / 1e9
         print(f"| {label} | {flops / 1e9:.1f} | {100 * flops / total:.0f} % |")
+    other = total - sum(global_counts.get(op, 0) for ops in kinds.values() for op in ops)
+    if other:  # an operator none of the kinds names: shown, so that the table always adds up to the total
+        print(f"| other ({', '.join(sorted(set(global_counts) - {op for ops in kinds.values() for op in ops}))}) "
+              f"| {other / 1e9:.1f} | {100 * other / total:.0f} % |")
     print()
     return {"total": total / 1e9, "stages": stages, "attention": by_kind["attention (QKᵀ, AV)"]}
 
