@@ -223,16 +223,16 @@ def export(args: argparse.Namespace, argv: list[str]) -> Path:
 
     history = json.loads((args.out / "history.json").read_text(encoding="utf-8"))
     evaluation = args.out / "afids_eval.json"
+    command = "benchmarks/train_afids.py " + " ".join(argv)
     card = {
         "name": args.export.name,
-        "made_with": "benchmarks/train_afids.py " + " ".join(argv),
-        "train_command": "benchmarks/train_afids.py " + " ".join(argv),
+        "made_with": command,
+        "train_command": command,
         "train_seconds": round(sum(e.get("seconds", 0.0) for e in history["epochs"]), 1),
         "data": {
             "atlas": "tpl-MNI152NLin2009cAsym_res-01_T1w with its AFIDs consensus annotation",
             "source": f"autoafids=={AUTOAFIDS_VERSION} (PyPI wheel; h3de_lite.data.afids)",
             "n_train": 1,
-            "samples": history.get("samples"),
             "spacing_mm": args.spacing,
             "crop": list(args.crop),
             "epochs": args.epochs,
@@ -245,7 +245,6 @@ def export(args: argparse.Namespace, argv: list[str]) -> Path:
         "attribution": AFIDS_ATTRIBUTION,
         "licence": "AFIDs fiducials and template: CC-BY 4.0; autoafids code: MIT; weights: MIT with the attribution",
     }
-    card["data"] = {k: v for k, v in card["data"].items() if v is not None}
     with tempfile.TemporaryDirectory() as tmp:
         model_card = Path(tmp) / "MODEL_CARD.md"
         model_card.write_text(MODEL_CARD.format(run=str(args.out), attribution=AFIDS_ATTRIBUTION), encoding="utf-8")
