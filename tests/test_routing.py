@@ -342,6 +342,32 @@ def test_cpu_flash_path_equals_plain_autograd_values_and_gradients(masked, chunk
     assert issubclass(_RoutedFlashAttentionCPU, torch.autograd.Function)
 
 
+@pytest.mark.parametrize("chunk", [1, 4, None])
+def test_returned_values_carry_their_gradient_into_kv(chunk):
+    """``return_values``: the values are kv's value half, and a loss on them (LePE's) reaches kv as through a slice.
+
+    The CPU flash path hands back a copy whose gradient its own backward adds to kv's; the reference is plain
+    autograd through the einsum path, where the values are the slice ``kv[..., M·c:]``.
+    """
+    q, kv = _routing_inputs()
+    kwargs = dict(num_heads=2, topk=3, scale=0.5, routing_scale=0.35, valid=_padded_valid())
+    results = []
+    for fused in (True, False):
+        qi, kvi = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        out, _, _, values = regional_routing_attention(
+            qi, kvi, query_chunk=chunk, fused=fused, return_values=True, **kwargs
+        )
+        torch.testing.assert_close(values, kv[..., 8:], atol=0, rtol=0)
+        w_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        w_values = torch.linspace(2, -3, values.numel(), dtype=values.dtype).reshape(values.shape)
+        results.append(torch.autograd.grad((out * w_out).sum() + (values * w_values).sum(), (qi, kvi)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    with torch.no_grad():  # inference: a view of kv, no copy
+        *_, values = regional_routing_attention(q, kv, return_values=True, **kwargs)
+    assert values.data_ptr() == kv[..., 8:].data_ptr()
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_out_may_be_the_queries_in_inference(masked):
     """``out=q``: the CPU flash path writes each chunk over queries it has already read; same numbers."""

@@ -318,7 +318,7 @@ class BiLevelRoutingAttention3d(_AttentionBase):
         # STEP 2 + STEP 3: region-to-region routing (eq. 3) and token-to-token attention (eq. 4). In inference the
         # output overwrites q chunk by chunk (each chunk of queries is read first): no memory of its own.
         inference = not (torch.is_grad_enabled() and q.requires_grad)
-        out, indices, scores = regional_routing_attention(
+        out, indices, scores, values = regional_routing_attention(
             q,
             kv,
             num_heads=self.num_heads,
@@ -331,13 +331,18 @@ class BiLevelRoutingAttention3d(_AttentionBase):
             gather=self.gather,
             backend=self.backend,
             out=q if inference and self.qk_dim == self.dim else None,
-        )  # (B, R, T, C)
-        del q
+            return_values=True,
+        )  # (B, R, T, C) each; values: v, whose gradient joins kv's inside the attention's backward when it records
+        del q, kv
 
         # LePE: depthwise conv of v on the (unpadded) volume, added before the output projection.
-        v = merge_regions(kv[..., self.qk_dim :], layout)[:, :d, :h, :w].contiguous()  # (B, D, H, W, C)
-        del kv
-        out = self.proj(_add_regions(self._lepe(v) if self.lepe is not None else None, out, layout))  # (B, D, H, W, C)
+        lepe = None
+        if self.lepe is not None:
+            v = merge_regions(values, layout)[:, :d, :h, :w].contiguous()  # (B, D, H, W, C)
+            del values  # a view of kv in inference: free kv before the conv
+            lepe = self._lepe(v)  # (B, D, H, W, C)
+            del v
+        out = self.proj(_add_regions(lepe, out, layout))  # (B, D, H, W, C)
         if return_routing:
             return out, Routing(indices=indices, scores=scores, grid=layout.grid, padded_shape=layout.padded_shape)
         return out

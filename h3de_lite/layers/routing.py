@@ -648,24 +648,33 @@ class _RoutedFlashAttentionCPU(torch.autograd.Function):
     heads as its heads (:func:`_routed_flash_forward`), keeping the output and the log-sum-exp. The backward gathers
     each chunk again (a copy, far cheaper than attention), calls the kernel's backward, and adds the key/value
     gradients back to their regions with one ``index_add_`` per chunk. Memory: one chunk's gather at a time in both
-    passes, against all k·N gathered keys and values (plus their gradients) that plain autograd keeps. Same numbers
-    as :func:`gather_attention` with ``fused=True`` (tested, values and gradients).
+    passes (in the backward a quarter of the forward's chunk, whose gather, kernel gradients and their copy coexist),
+    against all k·N gathered keys and values (plus their gradients) that plain autograd keeps. Same numbers as
+    :func:`gather_attention` with ``fused=True`` (tested, values and gradients).
 
     Inputs as :func:`gather_attention`, with ``c_v == c`` (the kernel needs one head size). Without autograd,
     :func:`regional_routing_attention` calls :func:`_routed_flash_forward` directly.
+
+    The second output is a contiguous copy of the values ``(N, T, M·c_v)`` when ``with_values`` (LePE's input), else
+    an empty tensor. Its gradient is added into the key/value gradient this backward makes anyway: a slice
+    ``kv[..., M·c:]`` read by LePE would instead get a zero-filled gradient of all of ``kv`` from autograd, one more
+    ``kv``-sized buffer at the peak of the backward.
     """
 
     @staticmethod
-    def forward(ctx, q, kv, rows, key_mask, num_heads, scale, query_chunk):  # noqa: ANN001, ANN205
+    def forward(ctx, q, kv, rows, key_mask, num_heads, scale, query_chunk, with_values):  # noqa: ANN001, ANN205
         out, lse = _routed_flash_forward(
             q, kv, rows, key_mask, num_heads=num_heads, scale=scale, query_chunk=query_chunk, keep_lse=True
         )
         ctx.save_for_backward(q, kv, rows, key_mask, out, lse)
         ctx.num_heads, ctx.scale, ctx.query_chunk = num_heads, scale, query_chunk
-        return out
+        values = kv[..., q.shape[-1] :].contiguous() if with_values else kv.new_empty(0)  # (N, T, M·c_v) or empty
+        if not with_values:
+            ctx.mark_non_differentiable(values)
+        return out, values
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_out, grad_values):  # noqa: ANN001, ANN205
         q, kv, rows, key_mask, out, lse = ctx.saved_tensors
         num_heads, scale, query_chunk = ctx.num_heads, ctx.scale, ctx.query_chunk
         num_queries, tokens, qk_channels = q.shape
@@ -673,13 +682,21 @@ class _RoutedFlashAttentionCPU(torch.autograd.Function):
         attention_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         grad_out = grad_out.contiguous()
         kv_rows = kv.reshape(num_queries, -1)
-        buffer = kv.new_empty((min(query_chunk, num_queries) * topk, kv_rows.shape[1]))
+        # A quarter of the forward's chunk: a chunk's gather, its kernel gradients and their copy live at once here.
+        chunk = max(1, query_chunk // 4)
+        buffer = kv.new_empty((min(chunk, num_queries) * topk, kv_rows.shape[1]))  # the gather, reused by each chunk
+        grad_buffer = torch.empty_like(buffer).view(-1, tokens, 2 * qk_channels)  # the gathered regions' gradients
         grad_q = torch.empty_like(q)
-        grad_kv = torch.zeros_like(kv)
+        grad_kv = torch.empty_like(kv)  # (N, T, M·(c + c_v)): zero keys, LePE's value gradient (if any) or zeros
+        grad_kv[..., :qk_channels].zero_()
+        if grad_values is not None and grad_values.numel():
+            grad_kv[..., qk_channels:].copy_(grad_values)
+        else:
+            grad_kv[..., qk_channels:].zero_()
         grad_rows = grad_kv.view(num_queries, -1)  # (N, T·M·(c + c_v))
         q_heads, out_heads, grad_heads = (_split_heads(t, num_heads) for t in (q, out, grad_out))  # (N, M, T, c)
         grad_q_heads = grad_q.view(num_queries, tokens, num_heads, -1)  # (N, T, M, c)
-        for start, stop in _chunks(num_queries, query_chunk):
+        for start, stop in _chunks(num_queries, chunk):
             n = stop - start
             k_sel, v_sel = _gather_chunk(
                 kv_rows, rows[start:stop], buffer, qk_channels=qk_channels, num_heads=num_heads
@@ -698,16 +715,13 @@ class _RoutedFlashAttentionCPU(torch.autograd.Function):
                 scale=scale,
             )  # (n, M, T, c), (n, M, k·T, c) twice
             grad_q_heads[start:stop].copy_(dq.transpose(1, 2))
-            grad_sel = torch.cat(
-                [
-                    dk.transpose(1, 2).reshape(n * topk, tokens, qk_channels),
-                    dv.transpose(1, 2).reshape(n * topk, tokens, qk_channels),
-                ],
-                dim=-1,
-            )  # (n·k, T, M·(c + c_v)): each gathered region's gradient, in the kv row layout
+            grad_sel = grad_buffer[: n * topk]  # (n·k, T, M·(c + c_v)): each gathered region's gradient, kv row layout
+            grad_sel[..., :qk_channels].view(n, topk * tokens, num_heads, -1).copy_(dk.transpose(1, 2))
+            grad_sel[..., qk_channels:].view(n, topk * tokens, num_heads, -1).copy_(dv.transpose(1, 2))
+            del dq, dk, dv
             # Add each gathered region's gradient back to its row, in order (a region routed twice gets both).
             grad_rows.index_add_(0, rows[start:stop].reshape(-1), grad_sel.view(n * topk, -1))
-        return grad_q, grad_kv, None, None, None, None, None
+        return grad_q, grad_kv, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -930,7 +944,7 @@ def fastest(
 
 
 def resolve_backend(
-    backend: str, *, key: tuple, device: torch.device, candidates: dict[str, Callable[[], Tensor]]
+    backend: str, *, key: tuple, device: torch.device, candidates: dict[str, Callable[[], object]]
 ) -> str:
     """Turn ``"auto"`` into ``"gather"`` or ``"flex"``; other names pass through.
 
@@ -986,7 +1000,8 @@ def regional_routing_attention(
     gather: Callable[[Tensor, Tensor], Tensor] = gather_regions,
     backend: str = "gather",
     out: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    return_values: bool = False,
+) -> tuple[Tensor, Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]:
     """STEP 2 and STEP 3 of V-BRA on region tensors: route regions (eq. 3), then attend token to token (eq. 4).
 
     STEP 3 has two implementations (``backend``), equal up to rounding:
@@ -1019,12 +1034,15 @@ def regional_routing_attention(
             written to and returned as. It may be ``q`` itself when ``c_v == c`` and ``q`` is not needed afterwards:
             the CPU flash path reads each chunk of queries before its output overwrites them, so the output then
             takes no memory of its own (what :class:`~h3de_lite.layers.attention.BiLevelRoutingAttention3d` does).
+        return_values: also return the values ``kv[..., M·c:]`` for LePE, as a fourth output whose gradient (if any)
+            reaches ``kv`` without a zero-filled ``kv``-sized buffer on the CPU flash path while autograd records (a
+            contiguous copy there, a view of ``kv`` otherwise).
 
     Raises:
         ValueError: ``out`` given while autograd records, or of the wrong shape or layout.
 
     Shape:
-        → output ``(B, R, T, M·c_v)``, indices ``(B, R, k)``, scores ``(B, R, k)``.
+        → output ``(B, R, T, M·c_v)``, indices ``(B, R, k)``, scores ``(B, R, k)`` (and values ``(B, R, T, M·c_v)``).
 
     Example:
         >>> out, idx, p = regional_routing_attention(torch.randn(2, 8, 16, 8), torch.randn(2, 8, 16, 16),
@@ -1054,10 +1072,10 @@ def regional_routing_attention(
         indices, scores = route_regions(q_r, k_r, topk=topk, scale=routing_scale, key_valid=key_valid)
 
     # STEP 3: token-to-token attention over the routed regions.
-    def run_flex() -> Tensor:
-        return flex_routed_attention(q, kv, indices, num_heads=num_heads, scale=scale, valid=valid)
+    def run_flex() -> tuple[Tensor, Tensor | None]:
+        return flex_routed_attention(q, kv, indices, num_heads=num_heads, scale=scale, valid=valid), None
 
-    def run_gather() -> Tensor:
+    def run_gather() -> tuple[Tensor, Tensor | None]:
         num_queries = batch * num_regions
         cpu_flash = _cpu_flash_applies(q, kv, fused=fused, gather=gather)
         chunk = query_chunk
@@ -1081,13 +1099,17 @@ def regional_routing_attention(
         key_mask = None if valid is None else gather_key_mask(valid, indices).reshape(num_queries, topk * tokens)
         flat_q = q.reshape(num_queries, tokens, qk_channels)  # (B·R, T, M·c)
         flat_kv = kv.reshape(num_queries, tokens, kv.shape[-1])  # (B·R, T, M·(c + c_v))
+        values = None
         if cpu_flash and not recording:  # no autograd: the plain forward, straight into ``out`` when given
             flat_out = None if out is None else out.view(num_queries, tokens, v_channels)
             result, _ = _routed_flash_forward(
                 flat_q, flat_kv, rows, key_mask, num_heads=num_heads, scale=scale, query_chunk=chunk, out=flat_out
             )
         elif cpu_flash:
-            result = _RoutedFlashAttentionCPU.apply(flat_q, flat_kv, rows, key_mask, num_heads, scale, chunk)
+            result, values = _RoutedFlashAttentionCPU.apply(
+                flat_q, flat_kv, rows, key_mask, num_heads, scale, chunk, return_values
+            )
+            values = values.view(batch, num_regions, tokens, v_channels) if return_values else None
         else:
             result = gather_attention(
                 flat_q,
@@ -1100,11 +1122,13 @@ def regional_routing_attention(
                 query_chunk=chunk,
                 gather=gather,
             )
-        return result.reshape(batch, num_regions, tokens, v_channels)
+        return result.reshape(batch, num_regions, tokens, v_channels), values
 
     runs = {"gather": run_gather, "flex": run_flex}
     key = (q.device, q.dtype, tuple(q.shape), tuple(kv.shape), num_heads, topk, valid is None)
-    result = runs[resolve_backend(backend, key=key, device=q.device, candidates=runs)]()
+    result, values = runs[resolve_backend(backend, key=key, device=q.device, candidates=runs)]()
     if out is not None and result.data_ptr() != out.data_ptr():
         result = out.copy_(result)
-    return result, indices, scores
+    if not return_values:
+        return result, indices, scores
+    return result, indices, scores, kv[..., qk_channels:] if values is None else values
