@@ -62,6 +62,26 @@ def _spacing(text: str) -> str | float:
     return _positive_float(text)
 
 
+def _recipe_defaults(field: str) -> str:
+    """``"tiny X, paper Y"``: a field's value in the two presets' recipes, for help texts that cannot go stale.
+
+    ``field`` names a :class:`~h3de_lite.training.Recipe` field (``spacing``, ``p_partial``) or a
+    :class:`~h3de_lite.training.TrainConfig` field (``epochs``), whose default applies where a recipe does not set it.
+    """
+    import dataclasses
+
+    from h3de_lite.training import RECIPES, TrainConfig
+
+    def value(name: str) -> object:
+        recipe = RECIPES[name]
+        if hasattr(recipe, field):
+            found = getattr(recipe, field)
+            return "none" if found is None else found
+        return recipe.train.get(field, {f.name: f.default for f in dataclasses.fields(TrainConfig)}[field])
+
+    return ", ".join(f"{name} {value(name)}" for name in ("tiny", "paper"))
+
+
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser(
         "train",
@@ -83,10 +103,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
              "the preset's")  # fmt: skip
     add("--anchors", default=None, choices=["single", "multi"],
         help="anchor configuration of --head anchor: single (n_a=1, r=0.5u) or multi (n_a=3, r up to 1u)")  # fmt: skip
-    add("--epochs", type=_positive_int, default=None, help="epochs (default: the recipe's; tiny 40, paper 200)")
+    add("--epochs", type=_positive_int, default=None,
+        help=f"epochs (default: the recipe's; {_recipe_defaults('epochs')})")  # fmt: skip
     add("--batch-size", type=_positive_int, default=None,
-        help="crops per optimizer step and process (default: the recipe's; tiny 2, paper 4)")  # fmt: skip
-    add("--lr", type=_positive_float, default=None, help="peak learning rate (default: tiny 2e-3, paper 1e-3)")
+        help="crops per optimizer step and process "
+             f"(default: the recipe's; {_recipe_defaults('batch_size')})")  # fmt: skip
+    add("--lr", type=_positive_float, default=None, help=f"peak learning rate (default: {_recipe_defaults('lr')})")
     add("--optimizer", default=None, choices=["adam", "adamw"], help="adam (the paper) or adamw")
     add("--loss", default=None, choices=["mse", "softmax_ce"],
         help="heatmap loss: mse (the paper's eq. 13; the paper recipe) or softmax_ce (spatial-softmax "
@@ -96,15 +118,17 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         help="training crop in voxels (default: the preset's input size; multiples of 32)")  # fmt: skip
     add("--spacing", type=_spacing, default=None,
         help="resample every case to this isotropic voxel size in mm first, or 'none' to keep the stored spacing "
-             "(default: the recipe's; tiny 1.5, paper none)")  # fmt: skip
+             f"(default: the recipe's; {_recipe_defaults('spacing')})")  # fmt: skip
     add("--subset", default="all", choices=["all", "complete", "incomplete"],
         help="training cases: all, complete (every landmark present) or incomplete (some missing)")  # fmt: skip
     add("--augment", action="store_true",
         help="left-right flips (swapping L/R names), rotations up to 10 deg, scaling 0.9-1.1 and intensity jitter")  # fmt: skip
     add("--p-background", type=_fraction, default=None,
-        help="share of training crops that hold no landmark, so sliding windows learn the background (default 0.1)")  # fmt: skip
+        help="share of training crops that hold no landmark, so sliding windows learn the background "
+             f"(default: the recipe's; {_recipe_defaults('p_background')})")  # fmt: skip
     add("--p-partial", type=_fraction, default=None,
-        help="share of training crops that hold only some landmarks (default 0.1)")  # fmt: skip
+        help="share of training crops that hold only some landmarks "
+             f"(default: the recipe's; {_recipe_defaults('p_partial')})")  # fmt: skip
     add("--val-roi", type=_positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
         help="sliding-window size of whole-volume validation (default: the training crop)")  # fmt: skip
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (auto: cuda, mps, then cpu)")

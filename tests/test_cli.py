@@ -237,3 +237,18 @@ def test_train_help_explains_every_option(capsys: pytest.CaptureFixture[str]) ->
                    "--crop", "--spacing", "--subset", "--device", "--amp", "--compile", "--seed", "--workers",
                    "--resume", "--checkpoint-every", "--overwrite", "--loss", "--augment", "--checkpointing"):  # fmt: skip
         assert option in text, option
+
+
+def test_train_help_states_the_recipes_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """The defaults the help names are the ones a run takes (they were typed in once, and went stale: 'tiny 40')."""
+    from h3de_lite.training import RECIPES
+
+    with pytest.raises(SystemExit, match="0"):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    tiny, paper = RECIPES["tiny"], RECIPES["paper"]
+    assert f"tiny {tiny.train['epochs']}, paper 200" in text
+    assert f"tiny {tiny.train['lr']}, paper 0.001" in text
+    assert f"tiny {tiny.spacing}, paper none" in text
+    assert f"tiny {tiny.p_background}, paper {paper.p_background}" in text
+    assert "tiny 40" not in text and "(default 0.1)" not in text
