@@ -61,3 +61,29 @@ def test_attention_report_from_log_checks_the_tables_against_the_measured_lines(
     assert report == "\n".join(["# header", "", "## 1 thread", "", *table, "", "- acceptance: PASS"]) + "\n"
     with pytest.raises(ValueError, match="differs"):
         attention.report_from_log(log.replace("| 2.0 |", "| 1.9 |"))
+
+
+def _included_results() -> list[tuple[Path, str]]:
+    """``(page, target)`` for every ``{include} results/<name>.md`` of a book page."""
+    import re
+
+    found = []
+    for page in sorted((ROOT / "book").glob("*.md")):
+        for target in re.findall(r"```\{include\} (results/[\w.-]+\.md)", page.read_text(encoding="utf-8")):
+            found.append((page, target))
+    return found
+
+
+def test_book_results_are_reports_the_scripts_saved():
+    """Each result a page includes was written by a benchmark script's ``--save`` to that very file, and no page keeps
+    a pasted block (the book's rule: no number typed by hand)."""
+    included = _included_results()
+    assert {page.name for page, _ in included} >= {"benchmark_attention.md", "benchmark_training.md"}
+    for page, target in included:
+        path = ROOT / "book" / target
+        assert path.is_file(), f"{page.name} includes {target}, which does not exist"
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        assert first.startswith("% Written by `python benchmarks/"), (target, first)
+        assert f"--save book/{target}`" in first, (target, first)
+    for page in (ROOT / "book").glob("*.md"):
+        assert "Pasted from" not in page.read_text(encoding="utf-8"), page.name
