@@ -142,7 +142,7 @@ def flop_breakdown(preset: str = "paper") -> dict:
         ("heatmap head", "H3DENet.heatmap_head"),
     ]
     kinds = {
-        "convolution": ("aten.convolution",),
+        "convolution": ("aten.convolution", "aten.mkldnn_convolution"),
         # V-BRA projects through oneDNN in float32 inference (h3de_lite.layers.attention._linear)
         "linear (qkv, projections, MLP)": ("aten.addmm", "aten.mm", "mkldnn._linear_pointwise"),
         "attention (QKᵀ, AV)": ("aten._scaled_dot_product_flash_attention_for_cpu", "aten.bmm"),

@@ -91,3 +91,56 @@ def test_every_parameter_gets_a_gradient() -> None:
 def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ConvNormAct(**kwargs)
+
+
+def _ran(fn) -> set[str]:
+    """Names of the aten operators ``fn()`` ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape",
+    [
+        (dict(in_channels=16, out_channels=16, kernel_size=3, padding=1), (1, 16, 32, 32, 16)),  # slow_conv3d before
+        (dict(in_channels=8, out_channels=14, kernel_size=1), (1, 8, 16, 16, 8)),
+        (dict(in_channels=16, out_channels=32, kernel_size=3, stride=2, padding=1), (1, 16, 16, 16, 8)),
+        (dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8, bias=False), (1, 8, 9, 7, 5)),
+    ],
+)
+def test_conv3d_single_volume_inference_runs_onednn_and_equals_nn_conv3d(kwargs, shape):
+    """Batch-1 CPU inference goes to oneDNN (PyTorch's own rule picks slow_conv3d for the first case) with the same
+    result as nn.Conv3d, also for a non-contiguous input; a batch of two and autograd keep nn.Conv3d's path."""
+    from h3de_lite.layers.conv import Conv3d
+
+    torch.manual_seed(0)
+    ours = Conv3d(**kwargs)
+    reference = nn.Conv3d(**kwargs)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(shape)
+    strided = torch.randn(shape[0], *shape[2:], shape[1]).permute(0, 4, 1, 2, 3)  # channels-last view
+    with torch.no_grad():
+        for inp in (x, strided):
+            want = reference(inp)
+            assert "aten::mkldnn_convolution" in _ran(lambda inp=inp: ours(inp))
+            got = ours(inp)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        assert "aten::slow_conv3d_forward" not in _ran(lambda: ours(x))
+        batch = torch.randn(2, *shape[1:])
+        torch.testing.assert_close(ours(batch), reference(batch), rtol=0, atol=0)  # the same call as nn.Conv3d
+    xi = x.clone().requires_grad_()
+    out = ours(xi)
+    assert out.grad_fn is not None
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=0)  # autograd: nn.Conv3d's own path
+
+
+def test_model_flops_counts_the_onednn_convolutions():
+    """Single-volume inference runs oneDNN convolutions; the FLOP count per volume is that of a batch of two."""
+    from h3de_lite.models import H3DENet
+    from h3de_lite.models.h3de_net import model_flops
+
+    model = H3DENet.from_preset("tiny", num_landmarks=2).eval()
+    assert model_flops(model, (1, 1, 64, 64, 32)) * 2 == model_flops(model, (2, 1, 64, 64, 32))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from h3de_lite.layers.conv import ConvNormAct, NormFactory, instance_norm
+from h3de_lite.layers.conv import Conv3d, ConvNormAct, NormFactory, instance_norm
 
 
 def _check_pair(decoder: Tensor, skip: Tensor, decoder_channels: int, skip_channels: int) -> None:
@@ -143,9 +143,9 @@ class FeatureFusionModule(ConcatFusion):
         hidden = max(out_channels // reduction, 4)
         self.attention = nn.Sequential(
             nn.AdaptiveAvgPool3d(1),
-            nn.Conv3d(out_channels, hidden, 1),
+            Conv3d(out_channels, hidden, 1),
             act_layer(),
-            nn.Conv3d(hidden, out_channels, 1),
+            Conv3d(hidden, out_channels, 1),
             nn.Sigmoid(),
         )
 

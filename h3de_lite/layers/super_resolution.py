@@ -16,7 +16,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from h3de_lite.layers.conv import NormFactory, instance_norm
+from h3de_lite.layers.conv import Conv3d, NormFactory, instance_norm
 
 
 def _check_scale(scale: int) -> None:
@@ -165,13 +165,13 @@ class SuperResolutionBlock(nn.Module):
         self.scale = scale
         sub_channels = out_channels * scale**3
         if separable:
-            self.context: nn.Module = nn.Conv3d(
+            self.context: nn.Module = Conv3d(
                 in_channels, in_channels, kernel_size, padding=kernel_size // 2, groups=in_channels, bias=False
             )
-            self.expand = nn.Conv3d(in_channels, sub_channels, 1, bias=False)
+            self.expand = Conv3d(in_channels, sub_channels, 1, bias=False)
         else:
             self.context = nn.Identity()
-            self.expand = nn.Conv3d(in_channels, sub_channels, kernel_size, padding=kernel_size // 2, bias=False)
+            self.expand = Conv3d(in_channels, sub_channels, kernel_size, padding=kernel_size // 2, bias=False)
         icnr_(self.expand.weight, scale)
         self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
         self.act = act_layer() if act_layer is not None else nn.Identity()
@@ -218,7 +218,7 @@ class TrilinearUpsample(nn.Module):
     ) -> None:
         super().__init__()
         _check_scale(scale)
-        self.project = nn.Conv3d(in_channels, out_channels, 1, bias=norm_layer is None)
+        self.project = Conv3d(in_channels, out_channels, 1, bias=norm_layer is None)
         self.upsample = nn.Upsample(scale_factor=scale, mode="trilinear", align_corners=False)
         self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
         self.act = act_layer() if act_layer is not None else nn.Identity()

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_flop_count
 
 from h3de_lite.config import H3DENetConfig, get_preset
 from h3de_lite.layers.block import VBRABlock
-from h3de_lite.layers.conv import ConvNormAct, Downsample, ResidualConvBlock
+from h3de_lite.layers.conv import Conv3d, ConvNormAct, Downsample, ResidualConvBlock
 from h3de_lite.layers.fusion import ConcatFusion, FeatureFusionModule
 from h3de_lite.layers.routing import BACKENDS
 from h3de_lite.layers.super_resolution import SuperResolutionBlock, TrilinearUpsample
@@ -252,7 +252,7 @@ class H3DENet(nn.Module):
             self.refines.append(ConvNormAct(in_channels=c_dec, out_channels=c_dec))
 
         # Heads (eq. 12; anchors eq. 7–8).
-        self.heatmap_head = nn.Conv3d(stem_channels, num_landmarks, kernel_size=1)
+        self.heatmap_head = Conv3d(stem_channels, num_landmarks, kernel_size=1)
         self.num_anchors = ANCHORS_PER_LOCATION[anchors]
         if head == "anchor":
             from h3de_lite.models.heads import AnchorHead  # lazy: the anchor-free network does not need it
@@ -373,9 +373,17 @@ def _onednn_linear_flops(input_shape: Any, weight_shape: Any, *args: Any, **kwar
     return 2 * tokens * weight_shape[0] * weight_shape[1]
 
 
+def _onednn_conv_flops(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of oneDNN's convolution (what :class:`~h3de_lite.layers.conv.Conv3d` runs for one CPU volume in
+    inference): counted as torch counts ``aten.convolution``."""
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape))
+
+
 _EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
     _EXTRA_FLOP_FORMULAS[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops
+if torch.backends.mkldnn.is_available():
+    _EXTRA_FLOP_FORMULAS[torch.ops.aten.mkldnn_convolution] = _onednn_conv_flops
 
 
 def model_flops(model: nn.Module, input_shape: Sequence[int]) -> int:

@@ -15,6 +15,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from h3de_lite.layers.conv import Conv3d
+
 __all__ = ["AnchorHead"]
 
 
@@ -22,10 +24,10 @@ def _branch(in_channels: int, hidden_channels: int, out_channels: int) -> nn.Seq
     """3×3×3 conv → GroupNorm → GELU → 1×1×1 conv: a small per-location predictor (internal helper)."""
     groups = math.gcd(hidden_channels, 8)
     return nn.Sequential(
-        nn.Conv3d(in_channels, hidden_channels, kernel_size=3, padding=1, bias=False),
+        Conv3d(in_channels, hidden_channels, kernel_size=3, padding=1, bias=False),
         nn.GroupNorm(groups, hidden_channels),
         nn.GELU(),
-        nn.Conv3d(hidden_channels, out_channels, kernel_size=1),
+        Conv3d(hidden_channels, out_channels, kernel_size=1),
     )
 
 
