@@ -66,18 +66,16 @@ def _recipe_defaults(field: str) -> str:
     """``"tiny X, paper Y"``: a field's value in the two presets' recipes, for help texts that cannot go stale.
 
     ``field`` names a :class:`~h3de_lite.training.Recipe` field (``spacing``, ``p_partial``) or a
-    :class:`~h3de_lite.training.TrainConfig` field (``epochs``), whose default applies where a recipe does not set it.
+    :class:`~h3de_lite.training.TrainConfig` field (``epochs``), read from the config the recipe makes, as ``train``
+    does (``TrainConfig().replace(**recipe.train)``).
     """
-    import dataclasses
-
     from h3de_lite.training import RECIPES, TrainConfig
 
     def value(name: str) -> object:
         recipe = RECIPES[name]
-        if hasattr(recipe, field):
-            found = getattr(recipe, field)
-            return "none" if found is None else found
-        return recipe.train.get(field, {f.name: f.default for f in dataclasses.fields(TrainConfig)}[field])
+        source = recipe if hasattr(recipe, field) else TrainConfig().replace(**recipe.train)
+        found = getattr(source, field)
+        return "none" if found is None else found
 
     return ", ".join(f"{name} {value(name)}" for name in ("tiny", "paper"))
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from h3de_lite.layers.conv import records_autograd
 from h3de_lite.layers.routing import (
     RegionLayout,
     Routing,
@@ -110,11 +111,8 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     Shape:
         ``(..., in)`` → ``(..., out)``.
     """
-    recording = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
     onednn = _ONEDNN_LINEAR and torch.backends.mkldnn.enabled
-    if onednn and not recording and x.dtype == torch.float32 and x.device.type == "cpu":
+    if onednn and not records_autograd(x, weight, bias) and x.dtype == torch.float32 and x.device.type == "cpu":
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

@@ -47,6 +47,12 @@ def instance_norm(channels: int) -> nn.Module:
 _ONEDNN: bool = torch.backends.mkldnn.is_available()
 
 
+def records_autograd(*tensors: Tensor | None) -> bool:
+    """Whether autograd records an operation on ``tensors`` (None entries, e.g. a missing bias, are skipped): the
+    condition under which the inference-only oneDNN calls (:class:`Conv3d`, the attention projections) step aside."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class Conv3d(nn.Conv3d):
     """``nn.Conv3d`` (same parameters and state dict) whose single-volume CPU inference runs through oneDNN.
 
@@ -70,13 +76,10 @@ class Conv3d(nn.Conv3d):
     """
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: A002 (torch's name)
-        recording = torch.is_grad_enabled() and (
-            input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        )
         if (
             _ONEDNN
             and torch.backends.mkldnn.enabled
-            and not recording
+            and not records_autograd(input, weight, bias)
             and input.ndim == 5
             and input.shape[0] == 1
             and input.device.type == "cpu"
