@@ -100,6 +100,61 @@ class DepthwiseConv3d(nn.Conv3d):
         return _DepthwiseConv3dFunction.apply(x, self.weight, self.bias, self.padding[0])
 
 
+def _to_regions(x: Tensor, layout: RegionLayout) -> Tensor:
+    """Channels-last tokens ``(B, D, H, W, C)`` → padded region layout ``(B, R, T, C)`` (a copy, unless R = 1)."""
+    return partition_regions(pad_to_layout(_channels_last_contiguous(x), layout), layout)
+
+
+class _RegionProjection(torch.autograd.Function):
+    """STEP 1 of V-BRA while autograd records: q and k|v of the tokens, in region layout, keeping the caller's tokens.
+
+    The projections need the region layout (the attention reads regions), so the tokens are copied into it first.
+    ``F.linear`` on that copy would keep the copy for its weight gradient until the backward: ``B·N·C`` floats that
+    live through the whole forward and backward. This function keeps the caller's tensor instead (the block's
+    LayerNorm output, or the module's input: alive anyway, or the copy's equal in size) and makes the region copy
+    again in the backward, for the moment the weight gradient needs it. Same arithmetic as ``F.linear``; padded
+    tokens are zeros, so their projections are the bias, as before.
+
+    Shape:
+        x ``(B, D, H, W, C)`` (any strides), weight ``(2·qk_dim + C, C)``, bias ``(2·qk_dim + C,)`` →
+        q ``(B, R, T, qk_dim)``, kv ``(B, R, T, qk_dim + C)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layout, qk_dim):  # noqa: ANN001, ANN205
+        regions = _to_regions(x, layout)  # (B, R, T, C)
+        q = F.linear(regions, weight[:qk_dim], bias[:qk_dim])  # (B, R, T, qk_dim)
+        kv = F.linear(regions, weight[qk_dim:], bias[qk_dim:])  # (B, R, T, qk_dim + C)
+        ctx.save_for_backward(x, weight)
+        ctx.layout, ctx.qk_dim = layout, qk_dim
+        return q, kv
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_q, grad_kv):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        layout, qk = ctx.layout, ctx.qk_dim
+        grad_x = grad_w = grad_b = None
+        c = weight.shape[1]
+        b, r, t = layout_shape = (x.shape[0], layout.num_regions, layout.tokens_per_region)
+        if grad_q is None:  # an output that reached no loss
+            grad_q = weight.new_zeros(*layout_shape, qk)
+        if grad_kv is None:
+            grad_kv = weight.new_zeros(*layout_shape, weight.shape[0] - qk)
+        grad_q, grad_kv = grad_q.reshape(b * r * t, -1), grad_kv.reshape(b * r * t, -1)  # (B·R·T, ·)
+        if ctx.needs_input_grad[1]:
+            regions = _to_regions(x, layout).reshape(-1, c)  # (B·R·T, C), made again for this product
+            grad_w = torch.cat([grad_q.t() @ regions, grad_kv.t() @ regions])  # (2·qk + C, C)
+            del regions
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.cat([grad_q.sum(0), grad_kv.sum(0)])  # (2·qk + C,)
+        if ctx.needs_input_grad[0]:
+            grad_regions = torch.addmm(grad_kv @ weight[qk:], grad_q, weight[:qk])  # (B·R·T, C)
+            d, h, w = layout.spatial_shape
+            grad_x = merge_regions(grad_regions.view(b, r, t, c), layout)[:, :d, :h, :w]  # (B, D, H, W, C), unpadded
+        return grad_x, grad_w, grad_b, None, None
+
+
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear``, through oneDNN's matmul (bias fused) for float32 CPU inference.
 
@@ -157,7 +212,7 @@ def _add_regions(lepe: Tensor | None, out: Tensor, layout: RegionLayout) -> Tens
     """
     d, h, w = layout.spatial_shape
     if lepe is None or layout.needs_padding or not lepe.is_contiguous():
-        merged = merge_regions(out, layout)[:, :d, :h, :w]  # (B, D, H, W, C), padding cropped
+        merged = merge_regions(out, layout)[:, :d, :h, :w]  # (B, D, H, W, C), unpadded
         return merged if lepe is None else lepe + merged
     (sd, sh, sw), (td, th, tw) = layout.grid, layout.region_size
     b, c = out.shape[0], out.shape[-1]
@@ -230,6 +285,9 @@ class BiLevelRoutingAttention3d(_AttentionBase):
     Inference (autograd not recording) takes a leaner path with the same numbers: float32 projections through oneDNN
     (:func:`_linear`), the attention output written over q in larger chunks (``out=`` of
     :func:`~h3de_lite.layers.routing.regional_routing_attention`) and LePE added into the merged output in place.
+    While autograd records, the projections keep the caller's tokens for their backward rather than the region copy
+    they read (:class:`_RegionProjection`), and the CPU attention keeps no gathered keys/values: forward+backward
+    peak memory below dense attention's at 32×32×16 tokens (``benchmarks/attention.py``).
 
     Args:
         dim: channels C.
@@ -305,12 +363,15 @@ class BiLevelRoutingAttention3d(_AttentionBase):
         d, h, w = x.shape[1:4]
         layout = make_layout((d, h, w), self.grid)
         valid = token_mask(layout, device=x.device) if layout.needs_padding else None  # (R, T) or None
-        x = partition_regions(pad_to_layout(_channels_last_contiguous(x), layout), layout)  # (B, R, T, C)
 
         # STEP 1: linear projection to q and to k, v (side by side, so one gather serves both), in region layout.
         weight, bias = self.qkv.weight, self.qkv.bias  # rows: q (qk_dim), k (qk_dim), v (dim)
-        q = _linear(x, weight[: self.qk_dim], bias[: self.qk_dim])  # (B, R, T, qk_dim)
-        kv = _linear(x, weight[self.qk_dim :], bias[self.qk_dim :])  # (B, R, T, qk_dim + C)
+        if records_autograd(x, weight, bias):
+            q, kv = _RegionProjection.apply(x, weight, bias, layout, self.qk_dim)  # keeps x, not a region copy
+        else:
+            x = _to_regions(x, layout)  # (B, R, T, C)
+            q = _linear(x, weight[: self.qk_dim], bias[: self.qk_dim])  # (B, R, T, qk_dim)
+            kv = _linear(x, weight[self.qk_dim :], bias[self.qk_dim :])  # (B, R, T, qk_dim + C)
         del x
 
         # STEP 2 + STEP 3: region-to-region routing (eq. 3) and token-to-token attention (eq. 4). In inference the
