@@ -111,7 +111,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     add("--loss", default=None, choices=["mse", "softmax_ce"],
         help="heatmap loss: mse (the paper's eq. 13; the paper recipe) or softmax_ce (spatial-softmax "
              "cross-entropy on the same targets: converges much faster on CPU, not the paper's; the tiny recipe)")  # fmt: skip
-    add("--sigma", type=_positive_float, default=None, help="Gaussian target sigma in voxels (eq. 1, default 2)")
+    add("--sigma", type=_positive_float, default=None,
+        help=f"Gaussian target sigma in voxels (eq. 1; default: {_recipe_defaults('sigma')})")  # fmt: skip
     add("--crop", type=_positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
         help="training crop in voxels (default: the preset's input size; multiples of 32)")  # fmt: skip
     add("--spacing", type=_spacing, default=None,

@@ -252,3 +252,4 @@ def test_train_help_states_the_recipes_defaults(capsys: pytest.CaptureFixture[st
     assert f"tiny {tiny.spacing}, paper none" in text
     assert f"tiny {tiny.p_background}, paper {paper.p_background}" in text
     assert "tiny 40" not in text and "(default 0.1)" not in text
+    assert "Gaussian target sigma in voxels (eq. 1; default: tiny 2.0, paper 2.0)" in text  # TrainConfig's, via recipe
