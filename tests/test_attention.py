@@ -293,3 +293,36 @@ def test_vbra_keeps_its_input_not_a_region_copy_for_the_backward():
 
     regions = partition_regions(x.permute(0, 2, 3, 4, 1), make_layout((8, 8, 4), (2, 2, 2)))  # (1, 8, 32, 16)
     assert not [t for t in saved if t.shape == regions.shape and torch.equal(t, regions)]
+
+
+@pytest.mark.parametrize(
+    "spatial",
+    [
+        (8, 8, 4),
+        pytest.param(
+            (9, 10, 7),
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="open bug: on a padded grid with LePE, the bfloat16 forward already differs by about 6 % "
+                "(without LePE, or unpadded, by 0.3 %); not yet found",
+            ),
+        ),
+    ],
+)
+def test_bfloat16_autocast_backward_matches_float32(spatial):
+    """Mixed precision (``--amp``; bfloat16 autocast on CPU): the custom backward passes (LePE's depthwise conv and
+    the region projection) take low-precision gradients and float32 inputs and return float32 gradients close to a
+    float32 pass."""
+    torch.manual_seed(0)
+    attn = BiLevelRoutingAttention3d(dim=16, num_heads=2, regions_per_side=2, topk=2)
+    x = torch.randn(2, 16, *spatial)
+    grads = []
+    for amp in (False, True):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = attn(xi)
+        weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        grads.append(torch.autograd.grad((out.float() * weights).sum(), (xi, *attn.parameters())))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert got.dtype == torch.float32
+        assert (got - want).norm() <= 0.05 * want.norm()

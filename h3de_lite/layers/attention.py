@@ -56,17 +56,25 @@ class _DepthwiseConv3dFunction(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         x, weight = ctx.saved_tensors
         pad, channels = ctx.padding, x.shape[1]
+        # Under autocast the forward ran in a lower precision than x and weight: compute in the gradient's dtype,
+        # as autocast's own conv backward does, and hand each gradient back in its input's dtype.
+        low = grad.dtype
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.conv3d(grad, weight.flip(2, 3, 4), padding=pad, groups=channels)  # (B, C, D, H, W)
+            flipped = weight.flip(2, 3, 4).to(low)
+            grad_x = F.conv3d(grad, flipped, padding=pad, groups=channels).to(x.dtype)  # (B, C, D, H, W)
         if ctx.needs_input_grad[1]:
             # Channel c of sample i: the input (1, C, D, H, W) "convolved" with its output gradient as kernel.
-            grad_w = sum(
-                F.conv3d(x[i : i + 1], grad[i : i + 1].transpose(0, 1), padding=pad, groups=channels)  # (1, C, k, k, k)
-                for i in range(x.shape[0])
-            ).transpose(0, 1)  # (C, 1, k, k, k)
+            grad_w = (
+                sum(
+                    F.conv3d(x[i : i + 1].to(low), grad[i : i + 1].transpose(0, 1), padding=pad, groups=channels)
+                    for i in range(x.shape[0])
+                )
+                .transpose(0, 1)
+                .to(weight.dtype)
+            )  # (C, 1, k, k, k)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum(dim=(0, 2, 3, 4))
+            grad_b = grad.sum(dim=(0, 2, 3, 4)).to(weight.dtype)
         return grad_x, grad_w, grad_b, None
 
 
@@ -137,21 +145,25 @@ class _RegionProjection(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         c = weight.shape[1]
         b, r, t = layout_shape = (x.shape[0], layout.num_regions, layout.tokens_per_region)
+        # Under autocast the projections ran in a lower precision: compute in the gradients' dtype, as autocast's own
+        # linear backward does, and hand each gradient back in its input's dtype.
+        low = (grad_q if grad_q is not None else grad_kv).dtype
         if grad_q is None:  # an output that reached no loss
-            grad_q = weight.new_zeros(*layout_shape, qk)
+            grad_q = weight.new_zeros(*layout_shape, qk, dtype=low)
         if grad_kv is None:
-            grad_kv = weight.new_zeros(*layout_shape, weight.shape[0] - qk)
+            grad_kv = weight.new_zeros(*layout_shape, weight.shape[0] - qk, dtype=low)
         grad_q, grad_kv = grad_q.reshape(b * r * t, -1), grad_kv.reshape(b * r * t, -1)  # (B·R·T, ·)
         if ctx.needs_input_grad[1]:
-            regions = _to_regions(x, layout).reshape(-1, c)  # (B·R·T, C), made again for this product
-            grad_w = torch.cat([grad_q.t() @ regions, grad_kv.t() @ regions])  # (2·qk + C, C)
+            regions = _to_regions(x, layout).reshape(-1, c).to(low)  # (B·R·T, C), made again for this product
+            grad_w = torch.cat([grad_q.t() @ regions, grad_kv.t() @ regions]).to(weight.dtype)  # (2·qk + C, C)
             del regions
         if ctx.needs_input_grad[2]:
-            grad_b = torch.cat([grad_q.sum(0), grad_kv.sum(0)])  # (2·qk + C,)
+            grad_b = torch.cat([grad_q.sum(0), grad_kv.sum(0)]).to(weight.dtype)  # (2·qk + C,)
         if ctx.needs_input_grad[0]:
-            grad_regions = torch.addmm(grad_kv @ weight[qk:], grad_q, weight[:qk])  # (B·R·T, C)
+            w_low = weight.to(low)
+            grad_regions = torch.addmm(grad_kv @ w_low[qk:], grad_q, w_low[:qk])  # (B·R·T, C)
             d, h, w = layout.spatial_shape
-            grad_x = merge_regions(grad_regions.view(b, r, t, c), layout)[:, :d, :h, :w]  # (B, D, H, W, C), unpadded
+            grad_x = merge_regions(grad_regions.view(b, r, t, c), layout)[:, :d, :h, :w].to(x.dtype)  # (B, D, H, W, C)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -212,7 +224,7 @@ def _add_regions(lepe: Tensor | None, out: Tensor, layout: RegionLayout) -> Tens
     """
     d, h, w = layout.spatial_shape
     if lepe is None or layout.needs_padding or not lepe.is_contiguous():
-        merged = merge_regions(out, layout)[:, :d, :h, :w]  # (B, D, H, W, C), unpadded
+        merged = merge_regions(out, layout)[:, :d, :h, :w]  # (B, D, H, W, C), padding cropped
         return merged if lepe is None else lepe + merged
     (sd, sh, sw), (td, th, tw) = layout.grid, layout.region_size
     b, c = out.shape[0], out.shape[-1]
