@@ -502,3 +502,22 @@ def test_backend_names_and_auto_rule():
     race = {"gather": lambda: _time.sleep(0.02), "flex": lambda: None, "other": broken}
     assert fastest(race, synchronize=lambda: None, repeats=2) == "flex"
     assert fastest({"other": broken}, synchronize=lambda: None) is None
+
+
+def test_routing_is_chosen_in_float32_under_bfloat16_autocast():
+    """Two key regions whose eq. 3 logits differ by 2⁻⁹ (below bfloat16's resolution at 1, 2⁻⁷; exact in float32):
+    with bfloat16 q and k under autocast the routing still picks the larger, as float32 arithmetic does."""
+    from h3de_lite.layers.routing import regional_routing_attention
+
+    regions, tokens, channels = 4, 8, 8
+    q = torch.zeros(1, regions, tokens, channels)
+    q[..., :2] = 1.0  # every query scores a key as k0 + k1
+    keys = torch.zeros(1, regions, tokens, channels)
+    keys[:, 1, :, 0] = 1.0  # logit 1
+    keys[:, 2, :, 0], keys[:, 2, :, 1] = 1.0, 2.0**-9  # logit 1 + 2⁻⁹: the best region for every query region
+    kv = torch.cat([keys, torch.randn(1, regions, tokens, channels)], dim=-1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, indices, _ = regional_routing_attention(
+            q.bfloat16(), kv.bfloat16(), num_heads=1, topk=1, scale=1.0, routing_scale=1.0
+        )
+    assert indices.flatten().tolist() == [2] * regions

@@ -280,12 +280,13 @@ def token_mask(layout: RegionLayout, *, device: torch.device | str | None = None
     return partition_regions(real[None, ..., None], layout)[0, ..., 0]  # (R, T)
 
 
-def region_means(x: Tensor, valid: Tensor | None = None) -> Tensor:
+def region_means(x: Tensor, valid: Tensor | None = None, *, dtype: torch.dtype | None = None) -> Tensor:
     """Mean of each region's tokens, over real tokens only (a region of padding gets 0, never NaN).
 
     Args:
         x: ``(N, R, T, C)``.
         valid: ``(R, T)`` bool from :func:`token_mask`, or None when nothing is padded.
+        dtype: accumulate and return in this dtype (default: ``x``'s).
 
     Shape:
         ``(N, R, T, C)`` → ``(N, R, C)``.
@@ -295,7 +296,8 @@ def region_means(x: Tensor, valid: Tensor | None = None) -> Tensor:
         torch.Size([2, 8, 3])
     """
     if valid is None:
-        return x.mean(dim=2)
+        return x.mean(dim=2, dtype=dtype)
+    x = x if dtype is None else x.to(dtype)
     weights = valid.to(x.dtype)  # (R, T)
     count = weights.sum(dim=1).clamp(min=1.0)  # (R,)
     return torch.einsum("nrtc,rt->nrc", x, weights) / count[:, None]  # (N, R, C)
@@ -1064,10 +1066,13 @@ def regional_routing_attention(
                 f"out must be a contiguous tensor of shape {(batch, num_regions, tokens, v_channels)}, "
                 f"got {tuple(out.shape)}"
             )
-    # STEP 2: region-to-region routing on region means over real tokens (no gradient flows through the choice).
-    with torch.no_grad():
-        q_r = region_means(q, valid)  # (B, R, M·c)
-        k_r = region_means(kv[..., :qk_channels], valid)  # (B, R, M·c)
+    # STEP 2: region-to-region routing on region means over real tokens (no gradient flows through the choice). In
+    # at least float32 and outside autocast: the top-k is a discrete choice, and in bfloat16 (8 significant bits)
+    # near ties between key regions are decided by rounding.
+    wide = torch.promote_types(q.dtype, torch.float32)
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        q_r = region_means(q, valid, dtype=wide)  # (B, R, M·c)
+        k_r = region_means(kv[..., :qk_channels], valid, dtype=wide)  # (B, R, M·c)
         key_valid = None if valid is None else valid.any(dim=1)  # (R,)
         indices, scores = route_regions(q_r, k_r, topk=topk, scale=routing_scale, key_valid=key_valid)
 
