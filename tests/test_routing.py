@@ -521,3 +521,13 @@ def test_routing_is_chosen_in_float32_under_bfloat16_autocast():
             q.bfloat16(), kv.bfloat16(), num_heads=1, topk=1, scale=1.0, routing_scale=1.0
         )
     assert indices.flatten().tolist() == [2] * regions
+
+
+def test_routing_runs_on_meta_tensors():
+    """Shape inference on the meta device (no data), where autocast does not exist: the float32 routing step must
+    not open an autocast context there."""
+    from h3de_lite.layers.routing import regional_routing_attention
+
+    q, kv = torch.empty(1, 4, 8, 8, device="meta"), torch.empty(1, 4, 8, 16, device="meta")
+    out, indices, _ = regional_routing_attention(q, kv, num_heads=1, topk=2, scale=1.0, routing_scale=1.0, fused=False)
+    assert out.shape == (1, 4, 8, 8) and indices.shape == (1, 4, 2)

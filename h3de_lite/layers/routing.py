@@ -37,6 +37,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -1070,7 +1071,9 @@ def regional_routing_attention(
     # at least float32 and outside autocast: the top-k is a discrete choice, and in bfloat16 (8 significant bits)
     # near ties between key regions are decided by rounding.
     wide = torch.promote_types(q.dtype, torch.float32)
-    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+    device = q.device.type
+    no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+    with torch.no_grad(), no_autocast:
         q_r = region_means(q, valid, dtype=wide)  # (B, R, M·c)
         k_r = region_means(kv[..., :qk_channels], valid, dtype=wide)  # (B, R, M·c)
         key_valid = None if valid is None else valid.any(dim=1)  # (R,)
