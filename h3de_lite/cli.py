@@ -128,6 +128,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     add("--p-partial", type=_fraction, default=None,
         help="share of training crops that hold only some landmarks "
              f"(default: the recipe's; {_recipe_defaults('p_partial')})")  # fmt: skip
+    add("--p-zoom", type=_fraction, default=None,
+        help="share of training items that are the whole volume zoomed to fit the crop, the coarse view of "
+             f"coarse-to-fine inference (default: the recipe's; {_recipe_defaults('p_zoom')})")  # fmt: skip
+    add("--val-strategy", default=None, choices=["sliding", "coarse_to_fine"],
+        help="whole-volume inference of validation, and the run's default in evaluate and predict "
+             f"(default: the recipe's; {_recipe_defaults('val_strategy')})")  # fmt: skip
     add("--val-roi", type=_positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
         help="sliding-window size of whole-volume validation (default: the training crop)")  # fmt: skip
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device (auto: cuda, mps, then cpu)")
@@ -167,8 +173,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add("--method", default=None, choices=["subvoxel", "argmax"], help="heatmap decoding (default: the run's)")
     add("--overlap", type=_fraction, default=0.5,
         help="sliding-window overlap in [0, 1) (default 0.5: more accurate than 0.25, about twice the time)")  # fmt: skip
-    add("--strategy", default="sliding", choices=["sliding", "coarse_to_fine"],
-        help="whole-volume inference: Gaussian-blended sliding windows (default) or coarse-to-fine")  # fmt: skip
+    add("--strategy", default=None, choices=["sliding", "coarse_to_fine"],
+        help="whole-volume inference: Gaussian-blended sliding windows or coarse-to-fine (default: the run's "
+             "validation strategy)")  # fmt: skip
     add("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -282,7 +289,8 @@ def _train(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     recipe = recipe_for(args.preset)
     if args.model == "h3de":
-        overrides = {key: value for key, value in (("head", args.head), ("anchors", args.anchors)) if value}
+        overrides = dict(recipe.model)  # the recipe's changes to the preset, then the options
+        overrides.update({key: value for key, value in (("head", args.head), ("anchors", args.anchors)) if value})
         if args.checkpointing:
             overrides["checkpointing"] = True
         spec: dict = {"kind": "h3de", "preset": args.preset, "overrides": overrides}
@@ -305,6 +313,7 @@ def _train(args: argparse.Namespace) -> int:
         "heatmap_loss": args.loss,
         "sigma": args.sigma,
         "val_every": args.val_every,
+        "val_strategy": args.val_strategy,
     }
     changes = {**recipe.train, **{key: value for key, value in given.items() if value is not None}}
     if args.patience is not None:
@@ -325,10 +334,11 @@ def _train(args: argparse.Namespace) -> int:
         intensity = IntensityJitter()
     p_partial = recipe.p_partial if args.p_partial is None else args.p_partial
     p_background = recipe.p_background if args.p_background is None else args.p_background
+    p_zoom = recipe.p_zoom if args.p_zoom is None else args.p_zoom
     train_data = LandmarkDataset(
         args.data, "train", subset=args.subset, crop_size=crop, random_crop=True, target_spacing=spacing,
         seed=args.seed, augment=augment, intensity_augment=intensity, p_partial=p_partial, p_background=p_background,
-        cache=recipe.cache,
+        p_zoom=p_zoom, cache=recipe.cache,
     )  # fmt: skip
     val_data = LandmarkDataset(
         args.data, "val", crop_size=None, random_crop=False, target_spacing=spacing, cache=recipe.cache
@@ -346,7 +356,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     data_config = {"spacing": spacing, "window": list(DEFAULT_WINDOW), "crop": list(crop), "subset": args.subset,
                    "recipe": recipe.name, "augment": bool(args.augment), "p_partial": p_partial,
-                   "p_background": p_background}  # fmt: skip
+                   "p_background": p_background, "p_zoom": p_zoom}  # fmt: skip
     history = fit(
         model, train_data, val_data, config, run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
         progress=not args.no_progress, model_config=spec, data_config=data_config,

@@ -295,7 +295,7 @@ def load_predictor(
     method: str | None = None,
     roi_size: Sequence[int] | None = None,
     overlap: float = 0.5,
-    strategy: str = "sliding",
+    strategy: str | None = None,
     amp: bool = False,
 ) -> Predictor:
     """The :class:`Predictor` of a run folder or of a packaged pretrained model, with the run's preprocessing.
@@ -311,8 +311,8 @@ def load_predictor(
       ``fit`` called directly) fall back to no resampling and :data:`~h3de_lite.data.transforms.DEFAULT_WINDOW`, the
       defaults of :class:`~h3de_lite.data.LandmarkDataset`.
     - ``"train"``: ``heatmap_loss`` (``softmax_ce`` models decode ``exp(logits)``, as validation does),
-      ``val_method``, ``val_roi_size`` (the sliding window; else the model's ``input_size``, else the crop rounded up
-      to a multiple of 32).
+      ``val_method``, ``val_strategy``, ``val_roi_size`` (the sliding window; else the model's ``input_size``, else
+      the crop rounded up to a multiple of 32).
 
     Args:
         source: run folder or pretrained name.
@@ -323,7 +323,8 @@ def load_predictor(
         roi_size: sliding-window size (``None``: see above).
         overlap: sliding-window overlap; 0.5 by default, which on phantom v2 test volumes was clearly more accurate
             than 0.25 (training validation's, cheaper) at 2.4× the time (book/benchmark_training.md).
-        strategy: ``"sliding"`` or ``"coarse_to_fine"`` whole-volume inference.
+        strategy: ``"sliding"`` or ``"coarse_to_fine"`` whole-volume inference (``None``: the run's
+            ``val_strategy``, else ``"sliding"``).
         amp: mixed precision on CUDA.
 
     Raises:
@@ -385,7 +386,7 @@ def load_predictor(
         method=method or train.get("val_method", "subvoxel"),
         threshold=threshold,
         overlap=overlap,
-        strategy=strategy,
+        strategy=strategy or train.get("val_strategy", "sliding"),
         amp=amp and target.type == "cuda",
         names=names,
         source=f"{label} ({which}.pt)",

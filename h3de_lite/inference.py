@@ -46,7 +46,7 @@ from h3de_lite.anchors import ANCHOR_CONFIGS, AnchorGrid
 from h3de_lite.data.case import Case
 from h3de_lite.data.images import read_image
 from h3de_lite.data.nifti import voxel_to_world
-from h3de_lite.data.transforms import DEFAULT_WINDOW, normalize_intensity
+from h3de_lite.data.transforms import DEFAULT_WINDOW, normalize_intensity, zoom_shape
 from h3de_lite.decoding import predict_landmarks
 
 __all__ = [
@@ -225,11 +225,15 @@ def _decode_anchors(
     content_size: Sequence[int],
     threshold: float | None,
     top: int,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Anchor decoding (eq. 7–8) of one volume by ``predict_landmarks``, cells wholly outside the content box
-    excluded (probability 0, logit -inf); coordinates relative to the content box."""
-    inside = _cell_inside(grid, content_start, content_size).to(probabilities.device)
-    logits = torch.logit(probabilities.double() * inside[:, None])  # (A, L); sigmoid(logit(p)) = p in float64
+    excluded (probability 0, logit -inf), and anchors not in ``keep`` (``(A, L)`` bool) for their landmark;
+    coordinates relative to the content box."""
+    inside = _cell_inside(grid, content_start, content_size).to(probabilities.device)[:, None]  # (A, 1)
+    if keep is not None:
+        inside = inside & keep.to(probabilities.device)
+    logits = torch.logit(probabilities.double() * inside)  # (A, L); sigmoid(logit(p)) = p in float64
     coords, present, score = predict_landmarks(
         {"offsets": offsets[None], "logits": logits[None]}, grid=grid, top=top, **_threshold_kwargs(threshold)
     )
@@ -470,27 +474,46 @@ def _decode_window(
     method: str,
     threshold: float | None,
     top: int,
+    near: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Decode window ``index`` of a batch whose window starts at ``start`` in a volume padded by ``pad``.
 
     Only the part of the window inside the (unpadded) volume counts: heatmaps are cropped to it, anchors whose cell
-    lies wholly outside it are ignored. Returns coordinates in the volume's voxels, clamped into it.
+    lies wholly outside it are ignored. With ``near = (centres (L, 3) in volume voxels, radii (3,) in voxels)`` each
+    landmark is searched only within the ellipsoid of those radii around its centre (heatmap voxels, or anchor
+    centres, outside it count as zero). Returns coordinates in the volume's voxels, clamped into it.
     """
     content_start = [p - s for p, s in zip(pad, start)]  # the volume's first voxel, in window coordinates
     if "logits" in out:
         feature = (roi[0] // ANCHOR_STRIDE, roi[1] // ANCHOR_STRIDE, roi[2] // ANCHOR_STRIDE)
         grid = AnchorGrid(roi, stride=ANCHOR_STRIDE, config=_anchor_config(out["logits"].shape[1], feature))
+        keep = None
+        if near is not None:
+            centres = near[0] + torch.tensor(content_start, dtype=near[0].dtype, device=near[0].device)  # window
+            keep = _within(grid.centers.to(near[0]), centres, near[1] + ANCHOR_STRIDE / 2)  # (A, L)
         coords, present, score = _decode_anchors(
             grid, out["offsets"][index], torch.sigmoid(out["logits"][index]), content_start=content_start,
-            content_size=shape, threshold=threshold, top=top,
+            content_size=shape, threshold=threshold, top=top, keep=keep,
         )  # fmt: skip
         return _clamp_inside(coords, shape), present, score
     lo = [max(0, c) for c in content_start]
     hi = [min(r, c + s) for r, c, s in zip(roi, content_start, shape)]
     heatmaps = out["heatmaps"][index : index + 1, :, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    if near is not None:
+        axes = [torch.arange(a, b, dtype=near[0].dtype, device=heatmaps.device) - c for a, b, c in
+                zip(lo, hi, content_start)]  # volume voxel coordinates of the cropped window  # fmt: skip
+        voxels = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (V, 3)
+        keep = _within(voxels, near[0].to(heatmaps.device), near[1].to(heatmaps.device))  # (V, L)
+        heatmaps = heatmaps * rearrange(keep, "(d h w) l -> 1 l d h w", d=hi[0] - lo[0], h=hi[1] - lo[1])
     coords, present, score = predict_landmarks(heatmaps, method=method, **_threshold_kwargs(threshold))
     shift = torch.tensor([float(a - c) for a, c in zip(lo, content_start)], dtype=coords.dtype, device=coords.device)
     return coords[0] + shift, present[0], score[0]
+
+
+def _within(points: Tensor, centres: Tensor, radii: Tensor) -> Tensor:
+    """``(P, L)`` bool: point ``p`` lies in the ellipsoid of ``radii`` (per axis) around centre ``l``."""
+    scaled = (points[:, None, :] - centres[None, :, :]) / radii  # (P, L, 3)
+    return (scaled * scaled).sum(dim=-1) <= 1.0
 
 
 def _group_windows(centres: Tensor, roi: Size3, padded: Sequence[int], margin: Sequence[int]) -> tuple[list, list]:
@@ -521,13 +544,14 @@ def _coarse_to_fine(
     method: str,
     threshold: float | None,
     top: int,
+    search_radius: float | None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Coarse whole-volume estimate, then full-resolution windows around it; ``x`` is ``(1, 1, D, H, W)``."""
     shape: Size3 = (x.shape[2], x.shape[3], x.shape[4])
 
-    # STEP 1: the whole volume zoomed by one factor (aspect kept) to fit one window, padded to it.
-    factor = max(s / r for s, r in zip(shape, roi))
-    coarse_shape = tuple(max(1, min(r, round(s / factor))) for s, r in zip(shape, roi))
+    # STEP 1: the whole volume zoomed by one factor (aspect kept) to fit one window, padded to it (the coarse view
+    # that training's zoom_to_fit makes: same zoomed shape, same area averaging, same centred padding).
+    coarse_shape = zoom_shape(shape, roi)
     coarse, coarse_pad = _pad_to(F.interpolate(x, size=coarse_shape, mode="area"), roi)  # (1, 1, *roi)
     out = _forward(model, coarse, amp)
     coords, _, _ = _decode_window(
@@ -535,6 +559,7 @@ def _coarse_to_fine(
     )  # every landmark gets a coarse position, present or not: the fine window decides presence
     scale = torch.tensor([s / c for s, c in zip(shape, coarse_shape)], dtype=coords.dtype, device=coords.device)
     estimate = _clamp_inside((coords + 0.5) * scale - 0.5, shape)  # (L, 3) full-resolution voxels
+    near = None if search_radius is None else (estimate, scale * float(search_radius))
 
     # STEP 2: full-resolution windows around the estimates, shared where a landmark lies well inside one.
     padded_shape = tuple(max(r, s) for s, r in zip(shape, roi))
@@ -555,8 +580,9 @@ def _coarse_to_fine(
         out = _forward(model, windows, amp)
         for i, st in enumerate(chunk):
             decoded = _decode_window(
-                out, i, start=st, pad=pad, shape=shape, roi=roi, method=method, threshold=threshold, top=top
-            )
+                out, i, start=st, pad=pad, shape=shape, roi=roi, method=method, threshold=threshold, top=top,
+                near=near,
+            )  # fmt: skip
             for landmark, k in enumerate(owner):
                 if k == b0 + i:
                     results[landmark] = tuple(t[landmark] for t in decoded)  # type: ignore[assignment]
@@ -580,6 +606,7 @@ def predict_volume(
     strategy: str = "sliding",
     top: int = 4,
     output_device: torch.device | str | None = None,
+    search_radius: float | None = 2.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Landmarks of one whole volume of any size: coordinates, presence and score, from the image alone.
 
@@ -606,6 +633,9 @@ def predict_volume(
         strategy: ``"sliding"`` or ``"coarse_to_fine"``.
         top: anchors voting per landmark (anchor head).
         output_device: where sliding-window outputs are accumulated (default ``device``).
+        search_radius: ``"coarse_to_fine"`` only: each landmark is searched in its fine window only within this
+            many coarse voxels of its coarse estimate (an ellipsoid of ``search_radius`` zoom factors per axis), so
+            a similar tooth elsewhere in the window cannot take its place; ``None`` searches the whole window.
 
     Returns:
         ``(coords (L, 3) float32 voxel coordinates of the input volume, present (L,) bool, score (L,) float32)`` on
@@ -628,6 +658,8 @@ def predict_volume(
         raise ValueError(f"method must be 'argmax' or 'subvoxel', got {method!r}")
     if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold must be None or lie in [0, 1], got {threshold!r}")
+    if search_radius is not None and not (math.isfinite(float(search_radius)) and float(search_radius) > 0):
+        raise ValueError(f"search_radius must be None or a positive number of coarse voxels, got {search_radius!r}")
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top must be a positive integer (anchors voting per landmark), got {top!r}")
     x = _as_volume(image)
@@ -646,7 +678,7 @@ def predict_volume(
         with _evaluating(model):
             coords, present, score, _ = _coarse_to_fine(
                 model, x.to(run_device), roi=roi, sw_batch_size=sw_batch_size, amp=amp, progress=progress,
-                method=method, threshold=threshold, top=top,
+                method=method, threshold=threshold, top=top, search_radius=search_radius,
             )  # fmt: skip
     # Clones made outside inference mode are ordinary tensors (callers may modify them in place).
     return coords.float().cpu().clone(), present.cpu().clone(), score.float().cpu().clone()

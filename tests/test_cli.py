@@ -179,7 +179,8 @@ def test_train_command_writes_a_run_and_refuses_to_mix_runs(
     assert "trained 1 epochs" in capsys.readouterr().out
     assert {p.name for p in run.iterdir()} == {"config.json", "history.json", "last.pt", "best.pt"}
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == {"kind": "h3de", "preset": "tiny", "overrides": {}}
+    assert config["model"] == {"kind": "h3de", "preset": "tiny", "overrides": {"stem_channels": 16}}  # the recipe's
+    assert config["data"]["p_zoom"] == 0.25 and config["train"]["sigma"] == 1.5
     assert config["data"]["spacing"] == 1.5 and config["data"]["crop"] == [64, 32, 32] and config["data"]["recipe"] == "tiny"
     assert config["train"]["schedule"] == "cosine" and config["train"]["epochs"] == 1  # recipe, then the flags
     assert config["train"]["heatmap_loss"] == "softmax_ce" and config["train"]["val_roi_size"] == [64, 32, 32]
@@ -252,4 +253,5 @@ def test_train_help_states_the_recipes_defaults(capsys: pytest.CaptureFixture[st
     assert f"tiny {tiny.spacing}, paper none" in text
     assert f"tiny {tiny.p_background}, paper {paper.p_background}" in text
     assert "tiny 40" not in text and "(default 0.1)" not in text
-    assert "Gaussian target sigma in voxels (eq. 1; default: tiny 2.0, paper 2.0)" in text  # TrainConfig's, via recipe
+    assert "Gaussian target sigma in voxels (eq. 1; default: tiny 1.5, paper 2.0)" in text  # recipe, TrainConfig's
+    assert f"tiny {tiny.p_zoom}, paper 0.0" in text and "tiny sliding, paper sliding" in text

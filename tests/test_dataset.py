@@ -257,3 +257,28 @@ def test_cache_gives_the_same_items_without_rereading(root: Path, monkeypatch: p
             monkeypatch.setattr(dataset_module, "read_mml_case", lambda *a, **k: pytest.fail("read again"))
             assert torch.equal(item["image"], expected["image"])
             assert torch.equal(item["landmarks"].nan_to_num(-1), expected["landmarks"].nan_to_num(-1))
+
+
+def test_zoomed_items_are_the_whole_volume_zoomed_to_fit_the_crop(root: Path) -> None:
+    from h3de_lite.data.mml import read_mml_case
+    from h3de_lite.data.transforms import normalize_intensity, zoom_to_fit
+
+    zoomed = LandmarkDataset(root, "train", crop_size=CROP, p_zoom=1.0, p_partial=0.5, seed=4)
+    for index, cid in enumerate(zoomed.case_ids):
+        item = zoomed[index]
+        expected = zoom_to_fit(read_mml_case(root / "train", cid), size=CROP)  # (28, 24, 12) / 1.75 → (16, 14, 7)
+        torch.testing.assert_close(item["image"][0], torch.from_numpy(normalize_intensity(expected.volume)))
+        np.testing.assert_allclose(item["landmarks"].numpy(), expected.landmarks, rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(item["spacing"].numpy(), SPACING * [28 / 16, 24 / 14, 12 / 7], rtol=1e-6)
+        assert item["present"].sum() == (12 if cid == "0003" else 14)  # every present landmark stays in view
+    plain = LandmarkDataset(root, "train", crop_size=CROP, p_partial=0.5, seed=4)
+    same = LandmarkDataset(root, "train", crop_size=CROP, p_partial=0.5, p_zoom=0.0, seed=4)
+    for epoch in range(4):  # p_zoom = 0 draws nothing more: the crops of existing runs are unchanged
+        plain.set_epoch(epoch)
+        same.set_epoch(epoch)
+        assert plain[0]["origin"].tolist() == same[0]["origin"].tolist()
+    for bad in (-0.1, 1.5, "half"):
+        with pytest.raises(ValueError, match="p_zoom"):
+            LandmarkDataset(root, "train", crop_size=CROP, p_zoom=bad)
+    with pytest.raises(ValueError, match="training items"):
+        LandmarkDataset(root, "test", p_zoom=0.5)

@@ -157,6 +157,22 @@ def test_coarse_to_fine_recovers_a_blob_in_a_large_volume():
     assert (coords[0] - torch.tensor(centre)).abs().max() < 1e-3, coords
 
 
+def test_coarse_to_fine_searches_only_near_the_coarse_estimate():
+    # A broad blob A (height 180) survives the coarse view (zoom 150 / 64 = 2.34); a narrow spike B (height 255),
+    # 10 voxels away in the same fine window, is averaged away there but is the fine window's highest voxel.
+    shape, a, b = (150, 120, 60), [70.0, 60.0, 30.0], [80.0, 60.0, 30.0]
+    broad = gaussian_heatmaps(torch.tensor([[a]], dtype=torch.float64), shape, sigma=4.0)[0, 0] * 180
+    spike = gaussian_heatmaps(torch.tensor([[b]], dtype=torch.float64), shape, sigma=0.7)[0, 0] * 255
+    image = torch.maximum(broad, spike).float()[None]
+    near, _, _ = predict_volume(Echo(), image, roi_size=ROI, strategy="coarse_to_fine")  # default: 2 coarse voxels
+    anywhere, _, _ = predict_volume(Echo(), image, roi_size=ROI, strategy="coarse_to_fine", search_radius=None)
+    assert (near[0] - torch.tensor(a)).abs().max() < 1e-3, near
+    assert (anywhere[0] - torch.tensor(b)).abs().max() < 1e-3, anywhere
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="search_radius"):
+            predict_volume(Echo(), image, roi_size=ROI, strategy="coarse_to_fine", search_radius=bad)
+
+
 def test_coarse_to_fine_landmarks_at_one_place_share_one_window():
     model = Echo(num_landmarks=3)  # three identical channels: three estimates at the same blob
     predict_volume(model, blob_image((150, 120, 60), [[60.0, 60.0, 30.0]], sigma=3.0), roi_size=ROI,

@@ -16,6 +16,8 @@ from h3de_lite.data.transforms import (
     random_crop,
     resample,
     to_source_voxels,
+    zoom_shape,
+    zoom_to_fit,
 )
 
 
@@ -210,3 +212,45 @@ def test_to_source_voxels_rejects_bad_spacing(which: str, bad: float, as_tensor:
 def test_to_source_voxels_rejects_spacing_without_three_axes() -> None:
     with pytest.raises(ValueError, match=r"source_spacing must have shape \(\.\.\., 3\)"):
         to_source_voxels(np.zeros((2, 3)), origin=np.zeros(3), spacing=np.ones(3), source_spacing=np.ones(2))
+
+
+# ------------------------------------------------------------------------------------------------ zoom_to_fit
+def test_zoom_to_fit_averages_blocks_and_moves_landmarks_by_hand(rng: np.random.Generator) -> None:
+    volume = rng.normal(size=(32, 32, 16)).astype(np.float32)
+    landmarks = np.full((14, 3), np.nan)
+    landmarks[0] = [0.5, 3.5, 10.5]  # the centres of 2-voxel blocks 0, 1 and 5
+    landmarks[1] = [31.0, 0.0, 2.0]
+    case = Case(volume=volume, landmarks=landmarks, spacing=[0.5, 0.5, 1.0], case_id="z")
+    out = zoom_to_fit(case, size=(16, 16, 8))  # factor 2 on every axis, nothing to pad
+    blocks = volume.reshape(16, 2, 16, 2, 8, 2).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(out.volume, blocks, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.landmarks[0], [0.0, 1.5, 5.0])
+    np.testing.assert_allclose(out.landmarks[1], [15.25, -0.25, 0.75])  # (x + 0.5) / 2 - 0.5
+    assert np.isnan(out.landmarks[2:]).all()
+    np.testing.assert_allclose(out.spacing, [1.0, 1.0, 2.0])
+
+
+def test_zoom_to_fit_keeps_aspect_pads_with_air_and_keeps_world_coordinates(rng: np.random.Generator) -> None:
+    case = make_case(rng, shape=(40, 20, 16), spacing=(0.4, 0.5, 1.2))
+    case.volume[:] = np.maximum(case.volume, -900)  # air (-1000) is then the padding alone
+    case.volume[0, 0, 0] = -1000
+    out = zoom_to_fit(case, size=(16, 16, 8))
+    assert zoom_shape((40, 20, 16), (16, 16, 8)) == (16, 8, 6)  # one factor, 40 / 16 = 2.5, for every axis
+    assert out.volume.shape == (16, 16, 8)
+    np.testing.assert_array_equal(out.volume[:, :4], -1000.0)  # 8 rows centred in 16: 4 rows of padding before
+    np.testing.assert_array_equal(out.volume[:, 12:], -1000.0)
+    assert (out.volume[:, 4:12, 1:7] > -1000).all()
+    np.testing.assert_allclose(out.spacing, np.array([0.4, 0.5, 1.2]) * [40 / 16, 20 / 8, 16 / 6])
+    present = ~np.isnan(case.landmarks).any(axis=1)
+    np.testing.assert_array_equal(~np.isnan(out.landmarks).any(axis=1), present)
+    np.testing.assert_allclose(
+        voxel_to_world(out.landmarks[present], out.affine), voxel_to_world(case.landmarks[present], case.affine)
+    )
+
+
+def test_zoom_to_fit_only_pads_a_volume_that_fits(rng: np.random.Generator) -> None:
+    case = make_case(rng, shape=(12, 10, 6))
+    out = zoom_to_fit(case, size=(16, 16, 8))
+    np.testing.assert_array_equal(out.volume[2:14, 3:13, 1:7], case.volume)
+    np.testing.assert_allclose(out.landmarks, case.landmarks + [2, 3, 1])
+    np.testing.assert_allclose(out.spacing, case.spacing)

@@ -48,6 +48,7 @@ from h3de_lite.data.transforms import (
     random_crop,
     resample,
     to_source_voxels,
+    zoom_to_fit,
 )
 
 __all__ = [
@@ -94,5 +95,6 @@ __all__ = [
     "normalize_intensity",
     "random_crop",
     "resample",
+    "zoom_to_fit",
     "to_source_voxels",
 ]

@@ -26,6 +26,7 @@ from h3de_lite.data.transforms import (
     normalize_intensity,
     resample,
     spacing3,
+    zoom_to_fit,
 )
 
 __all__ = ["LandmarkDataset", "TRAIN_CROP_SIZE"]
@@ -84,6 +85,10 @@ class LandmarkDataset(Dataset):
         p_partial: probability that a random crop holds only part of the landmarks (:class:`RandomCrop`).
         p_background: probability that a random crop holds none of them, so that sliding-window inference has seen
             windows without a landmark (:class:`RandomCrop`).
+        p_zoom: probability that a training item is the whole volume zoomed to fit the crop
+            (:func:`~h3de_lite.data.transforms.zoom_to_fit`) instead of a crop: the coarse view that
+            ``strategy="coarse_to_fine"`` inference starts from, where the whole head is in view. Its ``spacing``
+            is the zoomed voxel size and its ``origin`` is 0 (it is no crop of the resampled volume).
         cache: keep each case in memory once read and resampled (the slow part of an item), so later epochs only
             augment and crop; costs the resampled volumes' size in RAM (per DataLoader worker).
 
@@ -122,6 +127,7 @@ class LandmarkDataset(Dataset):
         intensity_augment: Augmentation | None = None,
         p_partial: float = 0.0,
         p_background: float = 0.0,
+        p_zoom: float = 0.0,
         cache: bool = False,
     ) -> None:
         if subset not in ("all", "complete", "incomplete"):
@@ -158,9 +164,14 @@ class LandmarkDataset(Dataset):
         self.window = window
         self.seed = int(seed)
         self.epoch = 0
-        if (augment is not None or intensity_augment is not None or p_partial or p_background) and not random_crop:
+        if not (isinstance(p_zoom, (int, float)) and 0.0 <= p_zoom <= 1.0):
+            raise ValueError(f"p_zoom must be a probability in [0, 1], got {p_zoom!r}")
+        self.p_zoom = float(p_zoom)
+        if (
+            augment is not None or intensity_augment is not None or p_partial or p_background or p_zoom
+        ) and not random_crop:
             raise ValueError(
-                "augment, intensity_augment, p_partial and p_background are for training items: pass "
+                "augment, intensity_augment, p_partial, p_background and p_zoom are for training items: pass "
                 "crop_size=(D, H, W) and random_crop=True (the default for split='train'), or drop them"
             )
         self.augment = augment
@@ -223,8 +234,11 @@ class LandmarkDataset(Dataset):
             rng = self._rng(index)
             if self.augment is not None:
                 case = self.augment(case, rng)
-            origin = self._crop.choose_start(case.volume.shape, case.landmarks, rng)
-            case = crop(case, origin, self.crop_size)
+            if self.p_zoom and rng.random() < self.p_zoom:  # no draw at p_zoom = 0: the crops stay as they were
+                case = zoom_to_fit(case, size=self.crop_size)  # the coarse view of the whole volume
+            else:
+                origin = self._crop.choose_start(case.volume.shape, case.landmarks, rng)
+                case = crop(case, origin, self.crop_size)
             if self.intensity_augment is not None:
                 case = self.intensity_augment(case, rng)
             landmarks = case.landmarks

@@ -34,6 +34,8 @@ __all__ = [
     "random_crop",
     "center_crop",
     "resample",
+    "zoom_shape",
+    "zoom_to_fit",
     "to_source_voxels",
 ]
 
@@ -157,7 +159,7 @@ def percentile_normalize(
     return ((clipped - np.float32(q0)) * np.float32((o1 - o0) / (q1 - q0)) + np.float32(o0)).astype(np.float32)
 
 
-def crop(case: Case, start: Sequence[int], size: Sequence[int]) -> Case:
+def crop(case: Case, start: Sequence[int], size: Sequence[int], *, fill: float | None = None) -> Case:
     """Cut the box ``[start, start + size)`` out of a case, padding with the volume minimum where it leaves the volume.
 
     Landmarks shift by ``-start``; those outside the box become ``NaN``. The affine is moved so world coordinates
@@ -167,6 +169,7 @@ def crop(case: Case, start: Sequence[int], size: Sequence[int]) -> Case:
         case: the case to crop.
         start: first voxel index of the box along each axis (may be negative or past the end: padding).
         size: box size ``(D, H, W)`` in voxels.
+        fill: padding value instead of the volume minimum.
 
     Shape:
         - case.volume: ``(D0, H0, W0)``
@@ -186,7 +189,9 @@ def crop(case: Case, start: Sequence[int], size: Sequence[int]) -> Case:
     start = start.astype(np.int64)
     shape = np.asarray(case.volume.shape)
     src_lo, src_hi = np.maximum(start, 0), np.minimum(start + size, shape)
-    out = np.full(tuple(size), case.volume.min() if case.volume.size else 0, dtype=case.volume.dtype)
+    if fill is None:
+        fill = case.volume.min() if case.volume.size else 0
+    out = np.full(tuple(size), fill, dtype=case.volume.dtype)
     if np.all(src_hi > src_lo):
         dst_lo = src_lo - start
         dst = tuple(slice(lo, lo + n) for lo, n in zip(dst_lo, src_hi - src_lo))
@@ -366,6 +371,66 @@ def resample(case: Case, *, spacing: Sequence[float] | float | None = None, orde
     to_old[:3, 3] = 0.5 / factor - 0.5
     return Case(volume=volume, landmarks=(case.landmarks + 0.5) * factor - 0.5, spacing=case.spacing / factor,
                 case_id=case.case_id, affine=case.affine @ to_old, names=case.names)  # fmt: skip
+
+
+def zoom_shape(shape: Sequence[int], size: Sequence[int]) -> tuple[int, int, int]:
+    """Shape of a volume of ``shape`` shrunk by one factor (aspect kept) until it fits in ``size``; a volume that
+    already fits keeps its shape (never enlarged).
+
+    Shape:
+        - shape, size: ``(3,)``
+        - output: ``(3,)`` with every entry ``<= size``
+
+    Example:
+        >>> zoom_shape((146, 146, 144), (64, 64, 32))
+        (32, 32, 32)
+    """
+    shape_arr, size_arr = _size3(shape, what="shape"), _size3(size)
+    factor = max(1.0, float(np.max(shape_arr / size_arr)))
+    out = [max(1, min(int(r), round(int(s) / factor))) for s, r in zip(shape_arr, size_arr, strict=True)]
+    return out[0], out[1], out[2]
+
+
+def zoom_to_fit(case: Case, *, size: Sequence[int]) -> Case:
+    """The whole volume shrunk by one factor (aspect kept, :func:`zoom_shape`) and padded with air, centred, to
+    ``size``: the coarse view of a whole scan in one network window.
+
+    Voxels are averaged over the cells they cover (``torch.nn.functional.interpolate(mode="area")``, what
+    ``strategy="coarse_to_fine"`` inference does to its input) and the padding is the source volume's minimum (air),
+    so a landmark at ``x`` moves to
+    ``(x + 0.5) / f - 0.5 + pad`` with ``f = shape / zoomed_shape`` per axis and ``pad = (size - zoomed_shape) // 2``;
+    spacing becomes ``spacing * f`` and the affine follows, so errors in mm stay right. A volume that already fits is
+    only padded. Training with some of these views (``LandmarkDataset(p_zoom=...)``) teaches the network the coarse
+    step of coarse-to-fine inference, where the whole head, and so each molar's side and rank, is in view.
+
+    Args:
+        case: the case (any shape).
+        size: window ``(D, H, W)`` in voxels.
+
+    Shape:
+        - case.volume: ``(D0, H0, W0)``
+        - output: ``Case`` with volume ``(D, H, W) = size`` (float32), landmarks ``(L, 3)``
+
+    Example:
+        >>> c = Case(volume=np.zeros((128, 128, 64)), landmarks=np.full((14, 3), 31.5), spacing=[1, 1, 1])
+        >>> z = zoom_to_fit(c, size=(32, 32, 32))
+        >>> z.volume.shape, z.landmarks[0].tolist(), z.spacing.tolist()
+        ((32, 32, 32), [7.5, 7.5, 15.5], [4.0, 4.0, 4.0])
+
+    Explained in notebooks/02_data.ipynb.
+    """
+    size_arr = _size3(size)
+    shape = np.asarray(case.volume.shape)
+    small = np.asarray(zoom_shape(shape, size_arr))
+    volume = torch.from_numpy(np.ascontiguousarray(case.volume, dtype=np.float32))[None, None]
+    volume = torch.nn.functional.interpolate(volume, size=tuple(int(s) for s in small), mode="area")[0, 0].numpy()
+    factor = shape / small  # source voxels per zoomed voxel
+    to_old = np.eye(4)  # zoomed voxel index → source voxel index
+    to_old[:3, :3] = np.diag(factor)
+    to_old[:3, 3] = 0.5 * factor - 0.5
+    zoomed = Case(volume=volume, landmarks=(case.landmarks + 0.5) / factor - 0.5, spacing=case.spacing * factor,
+                  case_id=case.case_id, affine=case.affine @ to_old, names=case.names)  # fmt: skip
+    return crop(zoomed, -((size_arr - small) // 2), size_arr, fill=float(case.volume.min()))  # air of the source
 
 
 def to_source_voxels(

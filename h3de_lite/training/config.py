@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from h3de_lite.inference import STRATEGIES
+
 __all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "HEATMAP_LOSSES", "DEVICES", "RESUMABLE_CHANGES"]
 
 OPTIMIZERS = ("adam", "adamw")
@@ -87,6 +89,9 @@ class TrainConfig:
         val_every: validate every this many epochs (and after the last one).
         val_roi_size: sliding-window size for whole-volume validation (``None`` = the whole volume at once).
         val_method: heatmap decoding for validation, ``"subvoxel"`` or ``"argmax"`` (eq. 2).
+        val_strategy: whole-volume inference of validation (:func:`h3de_lite.inference.predict_volume`),
+            ``"sliding"`` or ``"coarse_to_fine"``; also the default of ``h3de-lite evaluate`` and ``predict`` for the
+            run.
 
     Shape:
         not a tensor class.
@@ -127,6 +132,7 @@ class TrainConfig:
     val_every: int = 1
     val_roi_size: tuple[int, int, int] | None = None
     val_method: str = "subvoxel"
+    val_strategy: str = "sliding"
 
     def __post_init__(self) -> None:
         # Normalise JSON lists to tuples (frozen dataclass: through object.__setattr__).
@@ -141,6 +147,7 @@ class TrainConfig:
             "sigma_units": SIGMA_UNITS,
             "device": DEVICES,
             "val_method": DECODE_METHODS,
+            "val_strategy": STRATEGIES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

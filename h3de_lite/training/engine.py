@@ -288,6 +288,7 @@ def _validation_errors(
             threshold=0.0,
             device=device,
             amp=config.amp and device.type == "cuda",
+            strategy=config.val_strategy,
         )
         truth = torch.as_tensor(item["landmarks"], dtype=torch.float64)
         errors.append(np.asarray(radial_errors(coords.detach().cpu().double().numpy(), truth.numpy(), item["spacing"])))
@@ -340,7 +341,7 @@ def validate(
     Args:
         model: the plain model (not DDP-wrapped).
         dataset: items with ``image``, ``landmarks``, ``present``, ``spacing``.
-        config: ``val_roi_size``, ``val_method``, ``heatmap_loss``, ``amp``.
+        config: ``val_roi_size``, ``val_method``, ``val_strategy``, ``heatmap_loss``, ``amp``.
         device: where the model runs.
         roi_size: sliding-window size; default ``config.val_roi_size``, else the model's ``input_size`` attribute
             (:func:`fit` falls back to the training crop size, rounded up to multiples of 32).
