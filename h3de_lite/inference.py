@@ -14,7 +14,10 @@ A scan is larger or smaller than that and of any shape, so :func:`predict_volume
 - ``"coarse_to_fine"``: the whole volume is zoomed (one factor for all axes, aspect ratio kept) so that it fits in one
   window, the network localises every landmark roughly on that coarse view, then full-resolution windows centred on
   the estimates (shared by landmarks that lie well inside the same window) give the final coordinates, presence and
-  score, each landmark from the window built around it.
+  score, each landmark from the window built around it and within ``search_radius`` coarse voxels of its estimate.
+  The coarse view is :func:`~h3de_lite.data.transforms.zoom_to_fit`'s: a network trained with some of those views
+  (``LandmarkDataset(p_zoom=...)``, ``h3de-lite train --p-zoom``) has seen that scale; one trained on crops alone
+  has not, and its coarse estimates are guesses.
 
 Pre-processing convention shared with training: images are stored and returned by
 :class:`~h3de_lite.data.dataset.LandmarkDataset` in [0, 255] (paper §III-A) and the network is fed

@@ -180,7 +180,7 @@ def test_train_command_writes_a_run_and_refuses_to_mix_runs(
     assert {p.name for p in run.iterdir()} == {"config.json", "history.json", "last.pt", "best.pt"}
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == {"kind": "h3de", "preset": "tiny", "overrides": {"stem_channels": 16}}  # the recipe's
-    assert config["data"]["p_zoom"] == 0.25 and config["train"]["sigma"] == 1.5
+    assert config["data"]["p_zoom"] == 0.0 and config["train"]["sigma"] == 1.5
     assert config["data"]["spacing"] == 1.5 and config["data"]["crop"] == [64, 32, 32] and config["data"]["recipe"] == "tiny"
     assert config["train"]["schedule"] == "cosine" and config["train"]["epochs"] == 1  # recipe, then the flags
     assert config["train"]["heatmap_loss"] == "softmax_ce" and config["train"]["val_roi_size"] == [64, 32, 32]

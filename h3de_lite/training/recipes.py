@@ -9,16 +9,17 @@ fields that differ from its paper defaults.
 - ``tiny`` (preset ``tiny``, a CPU, **not the paper's**): volumes resampled to 1.5 mm, 64×64×32 crops (96×96×48 mm,
   most of the jaw), the spatial-softmax cross-entropy (:func:`~h3de_lite.losses.heatmap_softmax_ce_loss`) with an
   "absent" outcome per landmark, Gaussian targets of sigma 1.5 voxels, a stem of 16 channels instead of the preset's
-  8, a quarter of the items the whole volume zoomed to fit the crop (the coarse view of ``coarse_to_fine``
-  inference) and, of the crops, a third holding only some landmarks and a third none, validation every 5 epochs, a
-  cosine schedule, and cached resampled volumes. The plain MSE stays near 40 mm on CPU; the softmax reaches a few
+  8, half the crops holding only some landmarks or none, validation every 5 epochs, a cosine schedule, and cached
+  resampled volumes. The plain MSE stays near 40 mm on CPU; the softmax reaches a few
   millimetres in minutes. The absent outcome is what makes sliding-window inference work: without it a window that
   does not hold a landmark still puts a confident peak somewhere, and on phantom v2 test volumes (up to a whole head)
   those peaks won (30 mm test MRE with the former 40-epoch recipe, 4 mm for the same model on a window centred by the
   ground truth, a diagnostic only). Sigma 1.5 (was 2) and the wider stem (was the preset's 8) gave the lowest
   complete-case test MRE among the variants tried on CPU (2.1 mm against 2.8–4.7 mm, one run each on phantom v2 seed
-  2027, 20 cases); the zoomed items left sliding-window results as they were (2.15 mm) and made the coarse step of
-  ``coarse_to_fine`` a trained one. Measured in the book (notebook 05 and book/benchmark_training.md).
+  2027, 20 cases). ``--p-zoom 0.25`` (a quarter of the items the whole volume zoomed to fit the crop) trains the
+  coarse step of ``coarse_to_fine`` inference; it is not the default: it left the heatmap head's sliding-window
+  results as they were (2.15 and 2.61 mm in two runs) and the anchor head's validation MRE stayed near 10 mm
+  instead of 4. Measured in the book (notebook 05 and book/benchmark_training.md).
 - ``afids`` (preset ``tiny`` with 32 landmarks, one annotated MRI, a CPU): the single-atlas recipe of
   ``benchmarks/train_afids.py`` on the AFIDs template (:mod:`h3de_lite.data.afids`): every sample a new pose and
   appearance of the template (:class:`~h3de_lite.data.atlas.AtlasDataset`), 3 mm voxels, 64×64×64 crops (192 mm:
@@ -81,7 +82,6 @@ RECIPES: dict[str, Recipe] = {
         cache=True,
         p_partial=0.25,
         p_background=0.25,
-        p_zoom=0.25,
         model={"stem_channels": 16},
         train={
             "heatmap_loss": "softmax_ce",
