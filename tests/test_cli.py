@@ -194,6 +194,17 @@ def test_train_command_writes_a_run_and_refuses_to_mix_runs(
     assert before == {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
 
 
+def test_train_zoomed_items_and_validation_strategy_reach_the_run(small_dataset: Path, tmp_path: Path) -> None:
+    import json
+
+    run = tmp_path / "zoom"
+    assert main(_train_argv(small_dataset, run, "--p-zoom", "0.5", "--val-strategy", "coarse_to_fine")) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["p_zoom"] == 0.5 and config["train"]["val_strategy"] == "coarse_to_fine"
+    history = json.loads((run / "history.json").read_text())
+    assert history["epochs"][0]["val_mre"] > 0  # validated coarse-to-fine
+
+
 def test_train_seed_sets_the_initial_weights(small_dataset: Path, tmp_path: Path, monkeypatch) -> None:
     # --seed must reach the weights the network starts from, not only data order and crops: record them at fit's door.
     import h3de_lite.training as training

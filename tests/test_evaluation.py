@@ -336,13 +336,15 @@ def test_predict_files_roundtrip_and_match_evaluate(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- run folders
-def make_run(run: Path, *, data: dict | None = None, heatmap_loss: str = "mse", which: str = "best") -> Path:
+def make_run(
+    run: Path, *, data: dict | None = None, heatmap_loss: str = "mse", which: str = "best", **train: object
+) -> Path:
     """A run folder as fit writes it, with an untrained (seeded) tiny MONAI U-Net: no training needed."""
     torch.manual_seed(0)
     spec = {"kind": "baseline", "name": "unet3d"}
     run.mkdir(parents=True)
-    config = {"train": TrainConfig(heatmap_loss=heatmap_loss, val_roi_size=(64, 64, 32)).to_dict(), "model": spec,
-              "world_size": 1}  # fmt: skip
+    config = {"train": TrainConfig(heatmap_loss=heatmap_loss, val_roi_size=(64, 64, 32), **train).to_dict(),
+              "model": spec, "world_size": 1}  # fmt: skip
     if data is not None:
         config["data"] = data
     (run / "config.json").write_text(json.dumps(config))
@@ -415,6 +417,13 @@ def test_load_predictor_reads_the_data_block_or_falls_back(tmp_path: Path) -> No
     assert load_predictor(tmp_path / "lastonly", which="last", device="cpu").source.endswith("(last.pt)")
     with pytest.raises(FileNotFoundError, match=r"run folder .*nowhere' does not exist"):
         load_predictor(tmp_path / "nowhere")
+
+
+def test_the_runs_validation_strategy_is_its_default_strategy(tmp_path: Path) -> None:
+    assert load_predictor(make_run(tmp_path / "plain"), device="cpu").strategy == "sliding"
+    run = make_run(tmp_path / "zoomed", val_strategy="coarse_to_fine")
+    assert load_predictor(run, device="cpu").strategy == "coarse_to_fine"
+    assert load_predictor(run, device="cpu", strategy="sliding").strategy == "sliding"  # an explicit choice wins
 
 
 def test_softmax_ce_runs_decode_exp_of_the_logits(tmp_path: Path) -> None:
