@@ -70,6 +70,16 @@ def test_notebook_is_stored_without_outputs(path: Path) -> None:
             assert cell["execution_count"] is None, f"cell {index} has an execution count"
 
 
+@pytest.mark.parametrize("path", [*NOTEBOOKS, ROOT / "book" / "model_cards.ipynb"], ids=lambda p: p.stem)
+def test_every_cell_has_a_unique_id(path: Path) -> None:
+    """nbformat 4.5 cells carry an id; without one the book build warns (MissingIDFieldWarning)."""
+    nb = _load(path)
+    assert (nb["nbformat"], nb["nbformat_minor"]) >= (4, 5)
+    ids = [cell.get("id") for cell in nb["cells"]]
+    assert None not in ids, f"cells without an id: {[i for i, c in enumerate(ids) if c is None]}"
+    assert len(set(ids)) == len(ids), "duplicate cell ids"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_title_cell_names_the_notebook(path: Path) -> None:
     first = _load(path)["cells"][0]
