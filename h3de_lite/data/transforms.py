@@ -366,10 +366,17 @@ def resample(case: Case, *, spacing: Sequence[float] | float | None = None, orde
     volume = ndimage.zoom(case.volume.astype(dtype, copy=False), factor, output=dtype, order=order,
                           mode="nearest", grid_mode=True)  # fmt: skip
     assert volume.shape == tuple(new_shape), (volume.shape, new_shape)
+    return _on_zoomed_grid(case, volume, factor)
+
+
+def _on_zoomed_grid(case: Case, volume: np.ndarray, zoom: np.ndarray) -> Case:
+    """``case`` with ``volume``, its voxels zoomed by ``zoom = new_shape / old_shape`` per axis over the same extent
+    (voxel-centre convention): landmarks go to ``(x + 0.5) * zoom - 0.5``, spacing to ``spacing / zoom``, and the
+    affine follows, so positions in mm are unchanged."""
     to_old = np.eye(4)  # new voxel index → old voxel index
-    to_old[:3, :3] = np.diag(1.0 / factor)
-    to_old[:3, 3] = 0.5 / factor - 0.5
-    return Case(volume=volume, landmarks=(case.landmarks + 0.5) * factor - 0.5, spacing=case.spacing / factor,
+    to_old[:3, :3] = np.diag(1.0 / zoom)
+    to_old[:3, 3] = 0.5 / zoom - 0.5
+    return Case(volume=volume, landmarks=(case.landmarks + 0.5) * zoom - 0.5, spacing=case.spacing / zoom,
                 case_id=case.case_id, affine=case.affine @ to_old, names=case.names)  # fmt: skip
 
 
@@ -424,12 +431,7 @@ def zoom_to_fit(case: Case, *, size: Sequence[int]) -> Case:
     small = np.asarray(zoom_shape(shape, size_arr))
     volume = torch.from_numpy(np.ascontiguousarray(case.volume, dtype=np.float32))[None, None]
     volume = torch.nn.functional.interpolate(volume, size=tuple(int(s) for s in small), mode="area")[0, 0].numpy()
-    factor = shape / small  # source voxels per zoomed voxel
-    to_old = np.eye(4)  # zoomed voxel index → source voxel index
-    to_old[:3, :3] = np.diag(factor)
-    to_old[:3, 3] = 0.5 * factor - 0.5
-    zoomed = Case(volume=volume, landmarks=(case.landmarks + 0.5) / factor - 0.5, spacing=case.spacing * factor,
-                  case_id=case.case_id, affine=case.affine @ to_old, names=case.names)  # fmt: skip
+    zoomed = _on_zoomed_grid(case, volume, small / shape)  # the same bookkeeping as resample
     return crop(zoomed, -((size_arr - small) // 2), size_arr, fill=float(case.volume.min()))  # air of the source
 
 
