@@ -1,6 +1,7 @@
 """Sliding windows or coarse-to-fine? Accuracy and time of whole-volume inference with a trained run.
 
-For each strategy of :func:`h3de_lite.inference.predict_volume`, the run's :class:`~h3de_lite.evaluation.Predictor`
+For each strategy of :func:`h3de_lite.inference.predict_volume` (and each test-time augmentation, ``none`` or the
+left–right mirror average ``flip`` of :mod:`h3de_lite.tta`), the run's :class:`~h3de_lite.evaluation.Predictor`
 (its own preprocessing: resampling, window, roi) evaluates the whole volumes of a split, never looking at a label
 to predict, and the table gives MRE ± SD, SDR at 2 and 4 mm over all cases and the mean seconds per volume (reading
 and resampling included), measured in the same run.
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--strategies", nargs="+", default=["sliding", "coarse_to_fine"])
     parser.add_argument("--overlaps", type=float, nargs="+", default=[0.25, 0.5], help="sliding strategy only")
+    parser.add_argument("--tta", nargs="+", default=["none", "flip"], choices=["none", "flip"],
+                        help="test-time augmentations (flip: heatmap runs only)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     add_save_option(parser)
     args = parser.parse_args()
@@ -53,19 +56,21 @@ def _benchmark(args: argparse.Namespace) -> None:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print()
-    print("| strategy | overlap | MRE ± SD (mm) | SDR 2 mm (%) | SDR 4 mm (%) | missed | s / volume |")
-    print("|---|---|---|---|---|---|---|")
-    for strategy in args.strategies:
-        for overlap in args.overlaps if strategy == "sliding" else [None]:
-            predictor = load_predictor(args.run, device="cpu", strategy=strategy, overlap=overlap or 0.25)
-            start = time.perf_counter()
-            result = evaluate(predictor, args.data, split=args.split)
-            seconds = (time.perf_counter() - start) / max(1, len(result.cases))
-            s = result.summary["all"]
-            mre = "n/a" if s["mre"] is None else f"{s['mre']:.2f} ± {s['std']:.2f}"
-            sdr = s["sdr"] or {}
-            print(f"| {strategy} | {'—' if overlap is None else overlap} | {mre} | {sdr.get('2.0', float('nan')):.1f} "
-                  f"| {sdr.get('4.0', float('nan')):.1f} | {s.get('n_missed', 0)} | {seconds:.2f} |")  # fmt: skip
+    print("| strategy | overlap | tta | MRE ± SD (mm) | SDR 2 mm (%) | SDR 4 mm (%) | missed | s / volume |")
+    print("|---|---|---|---|---|---|---|---|")
+    settings = [(strategy, overlap, tta) for tta in args.tta for strategy in args.strategies
+                for overlap in (args.overlaps if strategy == "sliding" else [None])]  # fmt: skip
+    for strategy, overlap, tta in settings:
+        predictor = load_predictor(args.run, device="cpu", strategy=strategy, overlap=overlap or 0.25, tta=tta)
+        start = time.perf_counter()
+        result = evaluate(predictor, args.data, split=args.split)
+        seconds = (time.perf_counter() - start) / max(1, len(result.cases))
+        s = result.summary["all"]
+        mre = "n/a" if s["mre"] is None else f"{s['mre']:.2f} ± {s['std']:.2f}"
+        sdr = s["sdr"] or {}
+        print(f"| {strategy} | {'—' if overlap is None else overlap} | {tta} | {mre} "
+              f"| {sdr.get('2.0', float('nan')):.1f} | {sdr.get('4.0', float('nan')):.1f} | {s.get('n_missed', 0)} "
+              f"| {seconds:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

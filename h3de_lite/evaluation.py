@@ -56,6 +56,7 @@ from h3de_lite.data.transforms import (
 )
 from h3de_lite.files import atomic_output
 from h3de_lite.metrics import DEFAULT_THRESHOLDS_MM, existence_scores, radial_errors, summarize
+from h3de_lite.tta import TTA_MODES, with_tta
 
 __all__ = [
     "LABEL_SUFFIXES",
@@ -135,6 +136,8 @@ class Predictor:
         amp: mixed precision on CUDA.
         names: landmark names, one per output channel.
         source: where the model came from (shown in tables).
+        tta: test-time augmentation (:mod:`h3de_lite.tta`): ``"none"``, or ``"flip"`` (every window averaged with
+            its left–right mirror image, L/R landmark channels swapped; heatmap models only; twice the time).
         orientation: ``"RAS"``: before anything else, permute and flip the stored array to the closest RAS axis order
             (:func:`~h3de_lite.data.nifti.reorient_to_ras`, exact), as the model was trained (MRI stored LPS, LAS or
             with permuted axes); :meth:`predict` then needs the image ``affine``. ``None``: the array as stored.
@@ -163,10 +166,16 @@ class Predictor:
     names: tuple[str, ...] = LANDMARK_NAMES
     source: str = "model"
     orientation: str | None = None
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         if self.orientation not in (None, "RAS"):
             raise ValueError(f"orientation must be None or 'RAS', got {self.orientation!r}")
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {TTA_MODES}, got {self.tta!r}")
+        if self.tta != "none" and getattr(self.model, "head_type", "heatmap") != "heatmap":
+            raise ValueError(f"tta={self.tta!r} needs a heatmap model; {self.source} has the "
+                             f"{self.model.head_type!r} head: use tta='none'")  # fmt: skip
         if self.spacing is not None:
             object.__setattr__(self, "spacing", tuple(float(s) for s in spacing3(self.spacing, what="spacing")))
         if self.window is not None:
@@ -187,8 +196,9 @@ class Predictor:
 
     @property
     def network(self) -> nn.Module:
-        """The module given to ``predict_volume`` (``exp`` of the logits for ``softmax_ce`` models)."""
-        return _decoding_network(self.model, self.heatmap_loss)
+        """The module given to ``predict_volume``: the model, mirror-averaged when ``tta="flip"`` (on the logits of a
+        ``softmax_ce`` model), then ``exp`` of the logits for ``softmax_ce`` models."""
+        return _decoding_network(with_tta(self.model, self.tta, names=self.names), self.heatmap_loss)
 
     def predict(
         self,
@@ -297,6 +307,7 @@ def load_predictor(
     overlap: float = 0.5,
     strategy: str | None = None,
     amp: bool = False,
+    tta: str | None = None,
 ) -> Predictor:
     """The :class:`Predictor` of a run folder or of a packaged pretrained model, with the run's preprocessing.
 
@@ -313,6 +324,8 @@ def load_predictor(
     - ``"train"``: ``heatmap_loss`` (``softmax_ce`` models decode ``exp(logits)``, as validation does),
       ``val_method``, ``val_strategy``, ``val_roi_size`` (the sliding window; else the model's ``input_size``, else
       the crop rounded up to a multiple of 32).
+    - ``"inference"`` (optional): ``tta``, the run's test-time augmentation (``h3de-lite train`` writes the recipe's,
+      ``"flip"`` for heatmap runs of the ``tiny`` recipe); ``"none"`` when absent.
 
     Args:
         source: run folder or pretrained name.
@@ -326,6 +339,7 @@ def load_predictor(
         strategy: ``"sliding"`` or ``"coarse_to_fine"`` whole-volume inference (``None``: the run's
             ``val_strategy``, else ``"sliding"``).
         amp: mixed precision on CUDA.
+        tta: ``"none"`` or ``"flip"`` (:class:`Predictor`; ``None``: the run's ``inference.tta``, else ``"none"``).
 
     Raises:
         FileNotFoundError: the run folder, its ``config.json`` or the checkpoint is missing.
@@ -390,6 +404,7 @@ def load_predictor(
         amp=amp and target.type == "cuda",
         names=names,
         source=f"{label} ({which}.pt)",
+        tta=tta or (config.get("inference") or {}).get("tta", "none"),
     )
 
 

@@ -137,6 +137,7 @@ def _predict_reference(source: str | Path, spec: dict[str, Any] | None = None) -
         "volume_sha256": digest,
         "overlap": predictor.overlap,
         "strategy": predictor.strategy,
+        "tta": predictor.tta,
         "coords": [[None if np.isnan(v) else float(v) for v in row] for row in coords],
         "present": [bool(p) for p in present],
         "score": [float(v) for v in score],

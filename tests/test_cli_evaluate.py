@@ -49,7 +49,8 @@ def test_train_evaluate_predict_end_to_end(trained: tuple[Path, Path], tmp_path:
 
     # the validation split scored by evaluate gives training's own validation MRE: same preprocessing, and errors in
     # mm do not depend on the grid they are measured on
-    argv = ["evaluate", "--run", str(run), "--data", str(data), "--split", "val", "--overlap", "0.25"]  # validation's
+    argv = ["evaluate", "--run", str(run), "--data", str(data), "--split", "val", "--overlap", "0.25",
+            "--tta", "none"]  # validation's settings: it does not mirror-average (the run's inference default)
     assert main([*argv, "--no-progress"]) == 0
     history = json.loads((run / "history.json").read_text())
     val = json.loads((run / "eval_val.json").read_text())

@@ -7,7 +7,8 @@ Steps (each a ``h3de-lite`` command, printed and timed):
 2. training with ``h3de-lite train --preset tiny`` (the CPU recipe) plus ``--train-args`` for every model of the
    comparison: H3DE-Net with the anchor-free head (``heatmap``) and with the multi-scale anchor head (``anchor``),
    and the three baselines (``unet3d``, ``vnet``, ``resunet3d``) trained the same way;
-3. ``h3de-lite evaluate`` of each on the test set (``eval_test.json``);
+3. ``h3de-lite evaluate`` of each on the test set (``eval_test.json``), with the run's inference defaults (the
+   recipe's test-time mirror averaging for heatmap heads); ``--reevaluate`` repeats this step for finished runs;
 4. :func:`h3de_lite.pretrained.export` of the two H3DE-Net runs, with a ``card.json`` holding the commands, the data,
    the training time, the machine and every model's test results (the book's model-card page reads it).
 
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-test", type=int, default=20, help="test cases")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to train")
     parser.add_argument("--export", action="store_true", help="package heatmap and anchor into h3de_lite/weights/")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="evaluate finished runs again (e.g. after their config.json gained an inference default) "
+                             "instead of skipping them; runs without made_with.json are still trained")  # fmt: skip
     args = parser.parse_args(argv)
 
     cli = [sys.executable, "-m", "h3de_lite.cli"]
@@ -77,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         run = work / "runs" / name
         command = [*cli, "train", "--data", str(data), "--out", str(run), "--preset", "tiny", *MODELS[name], *extra,
                    "--overwrite", "--no-progress"]  # fmt: skip
+        evaluate = [*cli, "evaluate", "--run", str(run), "--data", str(test), "--split", "test", "--no-progress"]
         if not (run / "eval_test.json").is_file():
             seconds = _run(command, log)
             (run / "made_with.json").write_text(json.dumps({"command": shlex.join(command), "seconds": seconds}))
-            _run([*cli, "evaluate", "--run", str(run), "--data", str(test), "--split", "test", "--no-progress"], log)
+            _run(evaluate, log)
+        elif args.reevaluate:
+            _run(evaluate, log)  # with the run's own inference defaults (config.json → inference)
         made[name] = json.loads((run / "made_with.json").read_text())
         results[name] = json.loads((run / "eval_test.json").read_text())
     (work / "results.json").write_text(json.dumps({"results": results, "log": log}, indent=1))

@@ -386,6 +386,7 @@ def fit(
     progress: bool = True,
     model_config: dict[str, Any] | None = None,
     data_config: dict[str, Any] | None = None,
+    inference_config: dict[str, Any] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Train a landmark model (loss eq. 16 or 17), validate on whole volumes, checkpoint, resume, scale out.
@@ -405,7 +406,7 @@ def fit(
     the ranks share the validation volumes, and only rank 0 writes files.
 
     Run folder ``run_dir``: ``config.json`` (``{"train": TrainConfig, "model": model_config, "data": data_config,
-    "world_size"}``),
+    "world_size"}``, plus ``"inference": inference_config`` when given),
     ``history.json``, ``last.pt`` and ``best.pt`` (keys :data:`~h3de_lite.training.checkpoint.CHECKPOINT_KEYS`). A
     folder that holds another run is refused unless ``resume`` or ``overwrite``. ``resume=True`` continues from
     ``last.pt``, mid-epoch included, bit for bit (see the module docstring for the dataset's part); a checkpoint
@@ -429,6 +430,8 @@ def fit(
             ``config.json`` and the checkpoints.
         data_config: the preprocessing the model was trained with (JSON types), e.g. ``{"spacing": 1.5,
             "window": [-1000, 3000], "crop": [64, 64, 32]}``, saved in ``config.json`` so that inference can repeat it.
+        inference_config: the run's inference defaults (JSON types), e.g. ``{"tta": "flip"}``
+            (:func:`h3de_lite.evaluation.load_predictor` reads them); not used in training.
         on_step: called on every rank after every optimizer step (and its checkpoint, if one is due) with the global
             step and the step's losses; raising from it stops training (the last checkpoint stays valid).
 
@@ -465,6 +468,7 @@ def fit(
             progress=progress,
             model_config=model_config,
             data_config=data_config,
+            inference_config=inference_config,
             on_step=on_step,
         )
     finally:
@@ -485,6 +489,7 @@ def _fit(
     progress: bool,
     model_config: dict[str, Any] | None,
     data_config: dict[str, Any] | None,
+    inference_config: dict[str, Any] | None,
     on_step: Callable[[int, dict[str, float]], None] | None,
 ) -> dict[str, Any]:
     if len(train_data) == 0:
@@ -512,6 +517,8 @@ def _fit(
     )
     scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=scaler_on)
     run_config = {"train": config.to_dict(), "model": model_config, "data": data_config, "world_size": info.world_size}
+    if inference_config is not None:
+        run_config["inference"] = inference_config
 
     # State that a checkpoint restores.
     epoch, epoch_step, step = 0, 0, 0

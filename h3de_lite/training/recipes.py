@@ -19,7 +19,9 @@ fields that differ from its paper defaults.
   2027, 20 cases). ``--p-zoom 0.25`` (a quarter of the items the whole volume zoomed to fit the crop) trains the
   coarse step of ``coarse_to_fine`` inference; it is not the default: it left the heatmap head's sliding-window
   results as they were (2.15 and 2.61 mm in two runs) and the anchor head's validation MRE stayed near 10 mm
-  instead of 4. Measured in the book (notebook 05 and book/benchmark_training.md).
+  instead of 4. Heatmap runs record test-time mirror averaging (``tta="flip"``, :mod:`h3de_lite.tta`) as their
+  inference default: on phantom v2 it removed the far-off outliers of sliding-window inference at twice its time.
+  Measured in the book (notebook 05 and book/benchmark_training.md).
 - ``afids`` (preset ``tiny`` with 32 landmarks, one annotated MRI, a CPU): the single-atlas recipe of
   ``benchmarks/train_afids.py`` on the AFIDs template (:mod:`h3de_lite.data.afids`): every sample a new pose and
   appearance of the template (:class:`~h3de_lite.data.atlas.AtlasDataset`), 3 mm voxels, 64×64×64 crops (192 mm:
@@ -50,6 +52,8 @@ class Recipe:
         p_background: share of training crops that hold none.
         p_zoom: share of training items that are the whole volume zoomed to fit the crop (the coarse view of
             ``strategy="coarse_to_fine"`` inference, :func:`h3de_lite.data.transforms.zoom_to_fit`).
+        tta: test-time augmentation recorded as the run's inference default (``config.json`` ``"inference"``) for
+            heatmap-head runs: ``"none"`` or ``"flip"`` (:mod:`h3de_lite.tta`).
         cache: keep resampled volumes in memory between epochs.
         model: H3DE-Net overrides of the preset (:meth:`~h3de_lite.models.H3DENet.from_preset`), recorded in the
             run's config so that the run loads without the recipe.
@@ -69,6 +73,7 @@ class Recipe:
     p_partial: float = 0.1
     p_background: float = 0.1
     p_zoom: float = 0.0
+    tta: str = "none"
     cache: bool = False
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +87,7 @@ RECIPES: dict[str, Recipe] = {
         cache=True,
         p_partial=0.25,
         p_background=0.25,
+        tta="flip",
         model={"stem_channels": 16},
         train={
             "heatmap_loss": "softmax_ce",

@@ -1,0 +1,89 @@
+"""Test-time mirror averaging (h3de_lite.tta): known values, equivariance, and where it is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from h3de_lite.data.augment import mirror_rows
+from h3de_lite.evaluation import Predictor, load_predictor
+from h3de_lite.models import H3DENet
+from h3de_lite.training import TrainConfig, build_model_from_config
+from h3de_lite.tta import MirrorAverage, with_tta
+
+
+class Scaled(nn.Module):
+    """``(B, 1, D, H, W)`` → ``(B, 2, D, H, W)`` = ``[x, 2x]``: channel 0 named ``La``, channel 1 ``Ra``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, 2 * x], dim=1)
+
+
+def test_mirror_average_known_value() -> None:
+    # direct [x, 2x]; mirrored input gives [x', 2x'], flipped back [x, 2x], swapped [2x, x]; mean [1.5x, 1.5x]
+    x = torch.arange(2 * 4 * 3 * 2, dtype=torch.float64).reshape(2, 1, 4, 3, 2)
+    out = MirrorAverage(Scaled(), names=("La", "Ra"))(x)
+    torch.testing.assert_close(out, torch.cat([1.5 * x, 1.5 * x], dim=1), rtol=0, atol=0)
+    # without an L/R pair nothing is swapped: the mean of [x, 2x] with itself
+    same = MirrorAverage(Scaled(), names=("A", "B"))(x)
+    torch.testing.assert_close(same, torch.cat([x, 2 * x], dim=1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_mirror_average_is_equivariant(axis: int) -> None:
+    # A network with no symmetry of its own: mirroring the input mirrors the averaged output and swaps L/R channels.
+    torch.manual_seed(0)
+    net = nn.Conv3d(1, 4, kernel_size=3, padding=1).double()
+    names = ("La", "Lb", "Ra", "Rb")
+    tta = MirrorAverage(net, names=names, axis=axis)
+    x = torch.rand(1, 1, 6, 5, 4, dtype=torch.float64)
+    dim = 2 + axis
+    mirrored = tta(torch.flip(x, dims=[dim]))
+    expected = torch.flip(tta(x), dims=[dim])[:, [2, 3, 0, 1]]
+    torch.testing.assert_close(mirrored, expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(net(x), tta(x))  # the average is not the network itself
+
+
+def test_mirror_average_refuses_what_it_cannot_average() -> None:
+    with pytest.raises(ValueError, match="tta must be one of"):
+        with_tta(nn.Identity(), "rotate", names=())
+    with pytest.raises(ValueError, match="axis must be 0, 1 or 2"):
+        MirrorAverage(nn.Identity(), names=(), axis=3)
+    anchor = H3DENet.from_preset("tiny", num_landmarks=2, head="anchor").eval()
+    with pytest.raises(ValueError, match="anchor head is not supported"):
+        MirrorAverage(anchor, names=("La", "Ra"))(torch.rand(1, 1, 64, 64, 32))
+    with pytest.raises(ValueError, match="one channel per landmark name"):
+        MirrorAverage(Scaled(), names=("La", "Ra", "X"))(torch.rand(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match="needs a heatmap model"):
+        Predictor(model=anchor, names=("La", "Ra"), tta="flip")
+
+
+def _run(run: Path, inference: dict | None) -> Path:
+    torch.manual_seed(0)
+    spec = {"kind": "baseline", "name": "unet3d"}
+    run.mkdir(parents=True)
+    config = {"train": TrainConfig(heatmap_loss="softmax_ce", val_roi_size=(64, 64, 32)).to_dict(), "model": spec,
+              "world_size": 1}  # fmt: skip
+    if inference is not None:
+        config["inference"] = inference
+    (run / "config.json").write_text(json.dumps(config))
+    torch.save({"model": build_model_from_config(spec).state_dict()}, run / "best.pt")
+    return run
+
+
+def test_the_runs_tta_is_its_default_and_averages_the_logits(tmp_path: Path) -> None:
+    assert load_predictor(_run(tmp_path / "old", None), device="cpu").tta == "none"  # runs without the block
+    run = _run(tmp_path / "flip", {"tta": "flip"})
+    flip = load_predictor(run, device="cpu", method="argmax")
+    assert flip.tta == "flip" and load_predictor(run, device="cpu", tta="none").tta == "none"  # explicit wins
+    rows = mirror_rows(flip.names)  # the 14 MML names: L0..Lf <-> R0..Rf
+    assert rows.tolist() == [*range(7, 14), *range(7)]
+    z = torch.rand(1, 1, 64, 64, 32)  # a window as the network sees it (prepare_input: [0, 1])
+    with torch.no_grad():
+        logits = flip.model(z)
+        mirror = torch.flip(flip.model(torch.flip(z, dims=[2])), dims=[2])[:, rows]
+        torch.testing.assert_close(flip.network(z), torch.exp((logits + mirror) / 2), rtol=1e-5, atol=1e-6)
