@@ -131,6 +131,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     add("--p-zoom", type=_fraction, default=None,
         help="share of training items that are the whole volume zoomed to fit the crop, the coarse view of "
              f"coarse-to-fine inference (default: the recipe's; {_recipe_defaults('p_zoom')})")  # fmt: skip
+    add("--hard-negatives", type=_positive_float, default=None, metavar="RATIO",
+        help="anchor head: the existence loss keeps only the RATIO x (positives) hardest negatives (not in the "
+             "paper; default: all negatives)")  # fmt: skip
     add("--val-strategy", default=None, choices=["sliding", "coarse_to_fine"],
         help="whole-volume inference of validation, and the run's default in evaluate and predict "
              f"(default: the recipe's; {_recipe_defaults('val_strategy')})")  # fmt: skip
@@ -318,6 +321,7 @@ def _train(args: argparse.Namespace) -> int:
         "sigma": args.sigma,
         "val_every": args.val_every,
         "val_strategy": args.val_strategy,
+        "hard_negative_ratio": args.hard_negatives,
     }
     changes = {**recipe.train, **{key: value for key, value in given.items() if value is not None}}
     if args.patience is not None:

@@ -212,8 +212,10 @@ def test_train_anchor_run_records_no_test_time_flip(small_dataset: Path, tmp_pat
     from h3de_lite.evaluation import load_predictor
 
     run = tmp_path / "anchor"
-    assert main(_train_argv(small_dataset, run, "--head", "anchor")) == 0
-    assert json.loads((run / "config.json").read_text())["inference"] == {"tta": "none"}  # h3de_lite.tta: heatmaps
+    assert main(_train_argv(small_dataset, run, "--head", "anchor", "--hard-negatives", "3")) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["inference"] == {"tta": "none"}  # h3de_lite.tta: heatmaps only
+    assert config["train"]["hard_negative_ratio"] == 3.0
     assert load_predictor(run, device="cpu").tta == "none"
 
 

@@ -163,6 +163,29 @@ def test_training_losses_anchor_outputs_have_every_term():
     assert losses["total"].item() == pytest.approx(2 * 3 * 0.25, rel=1e-6)
 
 
+def test_hard_negative_ratio_reaches_the_existence_term():
+    # Three confident look-alikes (logit +5 on negatives) among the easy negatives (logit -30): averaged over
+    # every negative they vanish; over the ceil(ratio * N_pos) hardest negatives they count (BCE = log(1 + e^5)).
+    from h3de_lite.anchors import AnchorGrid
+
+    shape = (16, 16, 8)
+    g = torch.tensor([[[5.0, 6.0, 3.0], [NAN, NAN, NAN]]])
+    t = AnchorGrid(shape, config="multi").encode(g)
+    logits = torch.where(t["positive"], 30.0, -30.0)
+    negatives = (~t["positive"]).nonzero()
+    for b, a, l in negatives[[0, 50, 100]].tolist():
+        logits[b, a, l] = 5.0
+    outputs = {"heatmaps": torch.zeros(1, 2, *shape), "offsets": t["offsets"].clone(), "logits": logits}
+    n_pos, n_neg = int(t["positive"].sum()), negatives.shape[0]
+    look_alikes = 3 * math.log1p(math.exp(5.0))
+    plain = training_losses(outputs, g, config=TrainConfig(lambda_heatmap=0.0))
+    assert plain["existence"].item() == pytest.approx(look_alikes / n_neg, rel=1e-5)
+    mined = training_losses(outputs, g, config=TrainConfig(lambda_heatmap=0.0, hard_negative_ratio=2.0))
+    assert mined["existence"].item() == pytest.approx(look_alikes / math.ceil(2.0 * n_pos), rel=1e-5)
+    with pytest.raises(ValueError, match="hard_negative_ratio must be a positive number or None"):
+        TrainConfig(hard_negative_ratio=0)
+
+
 # ------------------------------------------------------------------------------------------------ fit
 def test_loss_falls_when_overfitting_one_item(tmp_path):
     torch.manual_seed(0)

@@ -68,6 +68,8 @@ class TrainConfig:
         lambda_heatmap: λ of the heatmap term (eq. 16, 17).
         lambda_reg: λ of the anchor offset term (eq. 14, 17); anchor head only.
         lambda_cls: λ of the anchor existence term (eq. 15, 17); anchor head only.
+        hard_negative_ratio: anchor head only: keep only the ``ratio · N_pos`` hardest negative anchor–landmark pairs
+            in the existence term (:func:`~h3de_lite.losses.existence_loss`; not in the paper); ``None``: all.
         heatmap_loss: ``"mse"`` (eq. 13, the paper) or ``"softmax_ce"`` (faster CPU recipe, not the paper's).
         absent_class: ``softmax_ce`` only: give every channel an "absent" outcome with logit 0, trained on landmarks
             outside the crop or missing (:func:`~h3de_lite.losses.heatmap_softmax_ce_loss`); what makes the logits of
@@ -116,6 +118,7 @@ class TrainConfig:
     lambda_heatmap: float = 1.0
     lambda_reg: float = 1.0
     lambda_cls: float = 1.0
+    hard_negative_ratio: float | None = None
     heatmap_loss: str = "mse"
     absent_class: bool = False
     sigma: float = 2.0
@@ -178,6 +181,12 @@ class TrainConfig:
         for name in ("amp", "compile", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.hard_negative_ratio is not None and (
+            not _is_number(self.hard_negative_ratio) or self.hard_negative_ratio <= 0
+        ):
+            raise ValueError(
+                f"TrainConfig.hard_negative_ratio must be a positive number or None, got {self.hard_negative_ratio!r}"
+            )
         if self.grad_clip is not None and (not _is_number(self.grad_clip) or self.grad_clip <= 0):
             raise ValueError(f"TrainConfig.grad_clip must be a positive number or None, got {self.grad_clip!r}")
         if self.patience is not None and (not _is_int(self.patience) or self.patience < 1):

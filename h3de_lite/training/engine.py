@@ -234,7 +234,8 @@ def training_losses(
     anchor_targets = {k: v.to(outputs["logits"].device) for k, v in grid.encode(g).items()}
     floats = {k: v.float() for k, v in outputs.items() if k in ("offsets", "logits")}
     losses = anchor_based_loss(
-        floats, anchor_targets, lambda_reg=config.lambda_reg, lambda_cls=config.lambda_cls, lambda_heatmap=0.0
+        floats, anchor_targets, lambda_reg=config.lambda_reg, lambda_cls=config.lambda_cls, lambda_heatmap=0.0,
+        hard_negative_ratio=config.hard_negative_ratio,
     )
     hm = heatmap_term(outputs["heatmaps"]) if needs_heatmaps else losses["heatmap"]
     losses["heatmap"] = hm
