@@ -173,8 +173,8 @@ def test_hard_negative_ratio_reaches_the_existence_term():
     t = AnchorGrid(shape, config="multi").encode(g)
     logits = torch.where(t["positive"], 30.0, -30.0)
     negatives = (~t["positive"]).nonzero()
-    for b, a, l in negatives[[0, 50, 100]].tolist():
-        logits[b, a, l] = 5.0
+    for b, a, lm in negatives[[0, 50, 100]].tolist():
+        logits[b, a, lm] = 5.0
     outputs = {"heatmaps": torch.zeros(1, 2, *shape), "offsets": t["offsets"].clone(), "logits": logits}
     n_pos, n_neg = int(t["positive"].sum()), negatives.shape[0]
     look_alikes = 3 * math.log1p(math.exp(5.0))
