@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["sliding", "coarse_to_fine"])
     parser.add_argument("--overlaps", type=float, nargs="+", default=[0.25, 0.5], help="sliding strategy only")
     parser.add_argument("--tta", nargs="+", default=["none", "flip"], choices=["none", "flip"],
-                        help="test-time augmentations (flip: heatmap runs only)")
+                        help="test-time augmentations")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     add_save_option(parser)
     args = parser.parse_args()

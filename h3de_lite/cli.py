@@ -181,8 +181,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
              "validation strategy)")  # fmt: skip
     add("--tta", default=None, choices=["none", "flip"],
         help="test-time augmentation: flip averages every window with its left-right mirror (L/R landmarks "
-             "swapped; heatmap models; twice the time) (default: the run's, flip for tiny-recipe heatmap "
-             "runs)")  # fmt: skip
+             "swapped; twice the time) (default: the run's, flip for runs of the tiny recipe)")  # fmt: skip
     add("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -365,11 +364,9 @@ def _train(args: argparse.Namespace) -> int:
     data_config = {"spacing": spacing, "window": list(DEFAULT_WINDOW), "crop": list(crop), "subset": args.subset,
                    "recipe": recipe.name, "augment": bool(args.augment), "p_partial": p_partial,
                    "p_background": p_background, "p_zoom": p_zoom}  # fmt: skip
-    # The recipe's test-time augmentation, for heatmap models (the anchor head has none: h3de_lite.tta)
-    tta = recipe.tta if spec.get("overrides", {}).get("head", "heatmap") == "heatmap" else "none"
     history = fit(
         model, train_data, val_data, config, run_dir=args.out, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.no_progress, model_config=spec, data_config=data_config, inference_config={"tta": tta},
+        progress=not args.no_progress, model_config=spec, data_config=data_config, inference_config={"tta": recipe.tta},
     )  # fmt: skip
     mres = [e["val_mre"] for e in history["epochs"] if e.get("val_mre") is not None]
     summary = f"validation MRE {mres[0]:.2f} -> {mres[-1]:.2f} mm" if mres else "no validation"

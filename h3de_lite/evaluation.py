@@ -137,7 +137,7 @@ class Predictor:
         names: landmark names, one per output channel.
         source: where the model came from (shown in tables).
         tta: test-time augmentation (:mod:`h3de_lite.tta`): ``"none"``, or ``"flip"`` (every window averaged with
-            its left–right mirror image, L/R landmark channels swapped; heatmap models only; twice the time).
+            its left–right mirror image, L/R landmark channels swapped; twice the time).
         orientation: ``"RAS"``: before anything else, permute and flip the stored array to the closest RAS axis order
             (:func:`~h3de_lite.data.nifti.reorient_to_ras`, exact), as the model was trained (MRI stored LPS, LAS or
             with permuted axes); :meth:`predict` then needs the image ``affine``. ``None``: the array as stored.
@@ -173,9 +173,6 @@ class Predictor:
             raise ValueError(f"orientation must be None or 'RAS', got {self.orientation!r}")
         if self.tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {TTA_MODES}, got {self.tta!r}")
-        if self.tta != "none" and getattr(self.model, "head_type", "heatmap") != "heatmap":
-            raise ValueError(f"tta={self.tta!r} needs a heatmap model; {self.source} has the "
-                             f"{self.model.head_type!r} head: use tta='none'")  # fmt: skip
         if self.spacing is not None:
             object.__setattr__(self, "spacing", tuple(float(s) for s in spacing3(self.spacing, what="spacing")))
         if self.window is not None:
@@ -325,7 +322,7 @@ def load_predictor(
       ``val_method``, ``val_strategy``, ``val_roi_size`` (the sliding window; else the model's ``input_size``, else
       the crop rounded up to a multiple of 32).
     - ``"inference"`` (optional): ``tta``, the run's test-time augmentation (``h3de-lite train`` writes the recipe's,
-      ``"flip"`` for heatmap runs of the ``tiny`` recipe); ``"none"`` when absent.
+      ``"flip"`` for the ``tiny`` recipe); ``"none"`` when absent.
 
     Args:
         source: run folder or pretrained name.

@@ -181,7 +181,7 @@ def test_train_command_writes_a_run_and_refuses_to_mix_runs(
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == {"kind": "h3de", "preset": "tiny", "overrides": {"stem_channels": 16}}  # the recipe's
     assert config["data"]["p_zoom"] == 0.0 and config["train"]["sigma"] == 1.5
-    assert config["inference"] == {"tta": "flip"}  # the recipe's test-time mirror averaging, a heatmap run
+    assert config["inference"] == {"tta": "flip"}  # the recipe's test-time mirror averaging
     assert config["data"]["spacing"] == 1.5 and config["data"]["crop"] == [64, 32, 32] and config["data"]["recipe"] == "tiny"
     assert config["train"]["schedule"] == "cosine" and config["train"]["epochs"] == 1  # recipe, then the flags
     assert config["train"]["heatmap_loss"] == "softmax_ce" and config["train"]["val_roi_size"] == [64, 32, 32]
@@ -206,7 +206,7 @@ def test_train_zoomed_items_and_validation_strategy_reach_the_run(small_dataset:
     assert history["epochs"][0]["val_mre"] > 0  # validated coarse-to-fine
 
 
-def test_train_anchor_run_records_no_test_time_flip(small_dataset: Path, tmp_path: Path) -> None:
+def test_train_anchor_run_records_the_recipes_test_time_flip(small_dataset: Path, tmp_path: Path) -> None:
     import json
 
     from h3de_lite.evaluation import load_predictor
@@ -214,9 +214,9 @@ def test_train_anchor_run_records_no_test_time_flip(small_dataset: Path, tmp_pat
     run = tmp_path / "anchor"
     assert main(_train_argv(small_dataset, run, "--head", "anchor", "--hard-negatives", "3")) == 0
     config = json.loads((run / "config.json").read_text())
-    assert config["inference"] == {"tta": "none"}  # h3de_lite.tta: heatmaps only
+    assert config["inference"] == {"tta": "flip"}  # h3de_lite.tta mirrors the anchor grid too
     assert config["train"]["hard_negative_ratio"] == 3.0
-    assert load_predictor(run, device="cpu").tta == "none"
+    assert load_predictor(run, device="cpu").tta == "flip"
 
 
 def test_train_seed_sets_the_initial_weights(small_dataset: Path, tmp_path: Path, monkeypatch) -> None:

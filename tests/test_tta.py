@@ -23,6 +23,13 @@ class Scaled(nn.Module):
         return torch.cat([x, 2 * x], dim=1)
 
 
+class Named(nn.Module):
+    """Returns a dict that is not the anchor head's."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"volume": x}
+
+
 def test_mirror_average_known_value() -> None:
     # direct [x, 2x]; mirrored input gives [x', 2x'], flipped back [x, 2x], swapped [2x, x]; mean [1.5x, 1.5x]
     x = torch.arange(2 * 4 * 3 * 2, dtype=torch.float64).reshape(2, 1, 4, 3, 2)
@@ -53,13 +60,62 @@ def test_mirror_average_refuses_what_it_cannot_average() -> None:
         with_tta(nn.Identity(), "rotate", names=())
     with pytest.raises(ValueError, match="axis must be 0, 1 or 2"):
         MirrorAverage(nn.Identity(), names=(), axis=3)
-    anchor = H3DENet.from_preset("tiny", num_landmarks=2, head="anchor").eval()
-    with pytest.raises(ValueError, match="anchor head is not supported"):
-        MirrorAverage(anchor, names=("La", "Ra"))(torch.rand(1, 1, 64, 64, 32))
     with pytest.raises(ValueError, match="one channel per landmark name"):
         MirrorAverage(Scaled(), names=("La", "Ra", "X"))(torch.rand(1, 1, 4, 4, 4))
-    with pytest.raises(ValueError, match="needs a heatmap model"):
-        Predictor(model=anchor, names=("La", "Ra"), tta="flip")
+    with pytest.raises(ValueError, match="needs heatmaps"):
+        MirrorAverage(Named(), names=())(torch.rand(1, 1, 4, 4, 4))  # neither heatmaps nor anchors
+    anchor = H3DENet.from_preset("tiny", num_landmarks=2, head="anchor").eval()
+    with pytest.raises(ValueError, match="multiple of the anchor stride"):
+        MirrorAverage(Anchors(), names=("La", "Ra"))(torch.rand(1, 1, 8, 8, 6))
+    with pytest.raises(ValueError, match="tta must be one of"):
+        Predictor(model=anchor, names=("La", "Ra"), tta="mirror")
+
+
+class Anchors(nn.Module):
+    """A stand-in anchor head: per cell of stride 4, two anchors (n_a = 2), landmarks ``La, Lb, Ra``.
+
+    Logits and offsets are fixed functions of the cell's mean intensity, different per anchor, landmark and axis, so
+    that nothing is symmetric by accident.
+    """
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        b = x.shape[0]
+        cells = torch.nn.functional.avg_pool3d(x, 4)[:, 0]  # (B, d, h, w)
+        feat = cells.reshape(b, -1, 1, 1)  # (B, d·h·w, 1, 1)
+        weights = torch.arange(1, 2 * 3 * 3 + 1, dtype=x.dtype).reshape(1, 1, 2, 3, 3)  # (n_a, L, xyz)
+        offsets = (feat[..., None] * weights).reshape(b, -1, 3, 3)  # (B, A = d·h·w·n_a, L, 3)
+        logits = offsets.sum(-1) + torch.linspace(-1, 1, 3, dtype=x.dtype)  # (B, A, L)
+        return {"offsets": offsets, "logits": logits}
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_anchor_mirror_average_is_equivariant_and_maps_anchors_to_their_mirrors(axis: int) -> None:
+    from h3de_lite.anchors import AnchorGrid
+
+    names = ("La", "Lb", "Ra")  # Lb has no partner: it keeps its row
+    tta = MirrorAverage(Anchors(), names=names, axis=axis)
+    x = torch.rand(1, 1, 16, 12, 8, dtype=torch.float64)
+    out, mirrored = tta(x), tta(torch.flip(x, dims=[2 + axis]))
+    # Independent check through the anchor centres: the anchor at f in one frame is the anchor at mirror(f) in the
+    # other (same radius), its offsets negated along the axis and its landmark names swapped.
+    grid = AnchorGrid(tuple(x.shape[2:]), config="multi")
+    centres, radii = grid.centers.double(), grid.radii.double()
+    n_a = 3  # AnchorGrid "multi"; the stand-in has 2 anchors per cell: compare per (cell, anchor) instead
+    cell_centres = centres[::n_a]  # (d·h·w, 3)
+    mirror_centres = cell_centres.clone()
+    mirror_centres[:, axis] = x.shape[2 + axis] - 1 - cell_centres[:, axis]
+    match = (cell_centres[None] - mirror_centres[:, None]).abs().sum(-1).argmin(-1)  # cell -> its mirror cell
+    assert torch.equal(match[match], torch.arange(len(match)))  # an involution
+    assert radii.numel() == n_a * len(match)
+    anchor_map = (match[:, None] * 2 + torch.arange(2)).reshape(-1)  # (d·h·w·2,) anchor -> mirrored anchor
+    swap = [2, 1, 0]
+    sign = torch.ones(3, dtype=torch.float64)
+    sign[axis] = -1
+    torch.testing.assert_close(mirrored["logits"], out["logits"][:, anchor_map][:, :, swap], rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        mirrored["offsets"], out["offsets"][:, anchor_map][:, :, swap] * sign, rtol=0, atol=1e-12
+    )
+    assert not torch.allclose(out["logits"], Anchors()(x)["logits"])  # averaging changed something
 
 
 def _run(run: Path, inference: dict | None) -> Path:

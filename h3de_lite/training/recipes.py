@@ -19,8 +19,8 @@ fields that differ from its paper defaults.
   2027, 20 cases). ``--p-zoom 0.25`` (a quarter of the items the whole volume zoomed to fit the crop) trains the
   coarse step of ``coarse_to_fine`` inference; it is not the default: it left the heatmap head's sliding-window
   results as they were (2.15 and 2.61 mm in two runs) and the anchor head's validation MRE stayed near 10 mm
-  instead of 4. Heatmap runs record test-time mirror averaging (``tta="flip"``, :mod:`h3de_lite.tta`) as their
-  inference default: on phantom v2 it removed the far-off outliers of sliding-window inference at twice its time.
+  instead of 4. Runs record test-time mirror averaging (``tta="flip"``, :mod:`h3de_lite.tta`) as their inference
+  default: on phantom v2 it removed the far-off outliers of sliding-window inference, at twice its time.
   Measured in the book (notebook 05 and book/benchmark_training.md).
 - ``afids`` (preset ``tiny`` with 32 landmarks, one annotated MRI, a CPU): the single-atlas recipe of
   ``benchmarks/train_afids.py`` on the AFIDs template (:mod:`h3de_lite.data.afids`): every sample a new pose and
@@ -52,8 +52,8 @@ class Recipe:
         p_background: share of training crops that hold none.
         p_zoom: share of training items that are the whole volume zoomed to fit the crop (the coarse view of
             ``strategy="coarse_to_fine"`` inference, :func:`h3de_lite.data.transforms.zoom_to_fit`).
-        tta: test-time augmentation recorded as the run's inference default (``config.json`` ``"inference"``) for
-            heatmap-head runs: ``"none"`` or ``"flip"`` (:mod:`h3de_lite.tta`).
+        tta: test-time augmentation recorded as the run's inference default (``config.json`` ``"inference"``):
+            ``"none"`` or ``"flip"`` (:mod:`h3de_lite.tta`).
         cache: keep resampled volumes in memory between epochs.
         model: H3DE-Net overrides of the preset (:meth:`~h3de_lite.models.H3DENet.from_preset`), recorded in the
             run's config so that the run loads without the recipe.
