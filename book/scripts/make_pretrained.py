@@ -8,7 +8,7 @@ Steps (each a ``h3de-lite`` command, printed and timed):
    comparison: H3DE-Net with the anchor-free head (``heatmap``) and with the multi-scale anchor head (``anchor``),
    and the three baselines (``unet3d``, ``vnet``, ``resunet3d``) trained the same way;
 3. ``h3de-lite evaluate`` of each on the test set (``eval_test.json``), with the run's inference defaults (the
-   recipe's test-time mirror averaging for heatmap heads); ``--reevaluate`` repeats this step for finished runs;
+   recipe's test-time mirror averaging); ``--reevaluate`` repeats this step for finished runs;
 4. :func:`h3de_lite.pretrained.export` of the two H3DE-Net runs, with a ``card.json`` holding the commands, the data,
    the training time, the machine and every model's test results (the book's model-card page reads it).
 
