@@ -120,8 +120,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
              f"(default: the recipe's; {_recipe_defaults('spacing')})")  # fmt: skip
     add("--subset", default="all", choices=["all", "complete", "incomplete"],
         help="training cases: all, complete (every landmark present) or incomplete (some missing)")  # fmt: skip
-    add("--augment", action="store_true",
-        help="left-right flips (swapping L/R names), rotations up to 10 deg, scaling 0.9-1.1 and intensity jitter")  # fmt: skip
+    add("--augment", action=argparse.BooleanOptionalAction, default=None,
+        help="left-right flips (swapping L/R names), rotations up to 10 deg, scaling 0.9-1.1 and intensity jitter "
+             f"(default: the recipe's; {_recipe_defaults('augment')})")  # fmt: skip
     add("--p-background", type=_fraction, default=None,
         help="share of training crops that hold no landmark, so sliding windows learn the background "
              f"(default: the recipe's; {_recipe_defaults('p_background')})")  # fmt: skip
@@ -134,6 +135,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     add("--hard-negatives", type=_positive_float, default=None, metavar="RATIO",
         help="anchor head: the existence loss keeps only the RATIO x (positives) hardest negatives (not in the "
              "paper; default: all negatives)")  # fmt: skip
+    add("--landmark-existence", type=_positive_float, default=None, metavar="WEIGHT",
+        help="anchor head: add a per-landmark existence term, BCE of each landmark's best anchor logit against "
+             "'in the crop', with this weight (not in the paper; default: off)")  # fmt: skip
     add("--val-strategy", default=None, choices=["sliding", "coarse_to_fine"],
         help="whole-volume inference of validation, and the run's default in evaluate and predict "
              f"(default: the recipe's; {_recipe_defaults('val_strategy')})")  # fmt: skip
@@ -280,7 +284,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from h3de_lite.config import get_preset
-    from h3de_lite.data.augment import Compose, IntensityJitter, RandomFlipLR, RandomRotateScale
+    from h3de_lite.data.augment import training_augmentation
     from h3de_lite.data.dataset import LandmarkDataset
     from h3de_lite.data.transforms import DEFAULT_WINDOW
     from h3de_lite.training import TrainConfig, build_model_from_config, fit, recipe_for
@@ -321,6 +325,7 @@ def _train(args: argparse.Namespace) -> int:
         "val_every": args.val_every,
         "val_strategy": args.val_strategy,
         "hard_negative_ratio": args.hard_negatives,
+        "lambda_landmark": args.landmark_existence,
     }
     changes = {**recipe.train, **{key: value for key, value in given.items() if value is not None}}
     if args.patience is not None:
@@ -335,10 +340,8 @@ def _train(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         checkpoint_every=args.checkpoint_every,
     )
-    augment = intensity = None
-    if args.augment:
-        augment = Compose([RandomFlipLR(), RandomRotateScale()])
-        intensity = IntensityJitter()
+    augmented = recipe.augment if args.augment is None else args.augment
+    augment, intensity = training_augmentation() if augmented else (None, None)
     p_partial = recipe.p_partial if args.p_partial is None else args.p_partial
     p_background = recipe.p_background if args.p_background is None else args.p_background
     p_zoom = recipe.p_zoom if args.p_zoom is None else args.p_zoom
@@ -362,7 +365,7 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     data_config = {"spacing": spacing, "window": list(DEFAULT_WINDOW), "crop": list(crop), "subset": args.subset,
-                   "recipe": recipe.name, "augment": bool(args.augment), "p_partial": p_partial,
+                   "recipe": recipe.name, "augment": augmented, "p_partial": p_partial,
                    "p_background": p_background, "p_zoom": p_zoom}  # fmt: skip
     history = fit(
         model, train_data, val_data, config, run_dir=args.out, resume=args.resume, overwrite=args.overwrite,

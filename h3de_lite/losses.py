@@ -191,6 +191,41 @@ def existence_loss(
     return pos_term + neg_term
 
 
+def landmark_existence_loss(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Per-landmark existence: BCE of each landmark's highest anchor logit against "the landmark is in the crop".
+
+    Not in the paper. Eq. 15 labels every anchor; the decoder (:meth:`~h3de_lite.anchors.AnchorGrid.decode`) then
+    calls a landmark present when its best anchor's probability reaches the threshold. Among the anchor-level
+    negatives, the few anchors that make that call wrong (e.g. the third-molar channel over the second molar of a
+    jaw whose third molar is missing) weigh next to nothing against the thousands of easy ones, with or without
+    hard-negative mining (whose hardest negatives are mostly the anchors just outside a true landmark's ball). This
+    term scores the decision itself: one binary cross-entropy per crop and landmark on ``max_a z_{a,l}``, with label
+    1 when the landmark has a positive anchor in the crop and 0 when it is missing or outside the crop. Its gradient
+    reaches only the best anchor of each landmark.
+
+    Args:
+        logits: ``(B, A, L)`` existence logits.
+        positive: ``(B, A, L)`` bool, the positive anchors (``"positive"`` from
+            :meth:`~h3de_lite.anchors.AnchorGrid.encode`).
+
+    Returns:
+        Scalar tensor, the mean over the ``B·L`` crop–landmark pairs.
+
+    Shape:
+        logits, positive ``(B, A, L)`` → scalar.
+
+    Example:
+        >>> pos = torch.zeros(1, 100, 2, dtype=torch.bool); pos[0, 5, 0] = True
+        >>> z = torch.full((1, 100, 2), -10.0, dtype=torch.float64); z[0, 5, 0] = 10.0
+        >>> f"{landmark_existence_loss(z, pos).item():.3g}"  # log(1 + e^-10): both landmarks right
+        '4.54e-05'
+    """
+    _check_same_shape(logits, positive, what="landmark_existence_loss")
+    best = logits.amax(dim=1)  # (B, L): the logit the decoder thresholds
+    label = positive.to(device=logits.device).any(dim=1).to(best.dtype)  # (B, L): in the crop
+    return F.binary_cross_entropy_with_logits(best, label)
+
+
 def anchor_free_loss(
     heatmaps: torch.Tensor,
     target_heatmaps: torch.Tensor,
@@ -232,8 +267,12 @@ def anchor_based_loss(
     lambda_heatmap: float = 1.0,
     balance: str = "mean_pos_neg",
     hard_negative_ratio: float | None = None,
+    lambda_landmark: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Total loss of the anchor-based H3DE-Net (eq. 17): ``λ_reg·L_reg + λ_cls·L_cls + λ_heatmap·L_heatmap``.
+
+    With ``lambda_landmark > 0`` (not in the paper) ``λ_landmark·L_landmark`` is added, the per-landmark existence
+    term of :func:`landmark_existence_loss`, and returned as ``"landmark"``.
 
     Args:
         outputs: the anchor-based model's output, ``{"offsets": (B, A, L, 3), "logits": (B, A, L)}`` and, from
@@ -247,9 +286,11 @@ def anchor_based_loss(
         lambda_heatmap: weight of the heatmap term (eq. 13), default 1.0; the term is 0 without ``"heatmaps"``.
         balance: imbalance treatment for :func:`existence_loss` (default ``"mean_pos_neg"``).
         hard_negative_ratio: optional hard-negative mining for :func:`existence_loss` (off by default).
+        lambda_landmark: weight of :func:`landmark_existence_loss` (default 0: off, the paper's loss).
 
     Returns:
-        ``{"offset": L_reg, "existence": L_cls, "heatmap": L_heatmap, "total": weighted sum}`` (scalars).
+        ``{"offset": L_reg, "existence": L_cls, "heatmap": L_heatmap, "total": weighted sum}`` (scalars), plus
+        ``"landmark"`` when ``lambda_landmark`` is not 0.
 
     Shape:
         offsets ``(B, A, L, 3)``, logits ``(B, A, L)``, heatmaps ``(B, L, D, H, W)`` → scalars.
@@ -282,6 +323,10 @@ def anchor_based_loss(
     else:
         hm = outputs["logits"].sum() * 0.0
     total = lambda_reg * reg + lambda_cls * cls + lambda_heatmap * hm
+    if lambda_landmark != 0:
+        per_landmark = landmark_existence_loss(outputs["logits"], targets["positive"])
+        total = total + lambda_landmark * per_landmark
+        return {"offset": reg, "existence": cls, "landmark": per_landmark, "heatmap": hm, "total": total}
     return {"offset": reg, "existence": cls, "heatmap": hm, "total": total}
 
 

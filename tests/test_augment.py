@@ -23,13 +23,15 @@ from h3de_lite.data.augment import (
     landmarks_off_tissue,
     mirror_rows,
     rotate_scale,
+    rotate_scale_matrix,
     rotation_matrix,
     warp,
+    warp_crop,
 )
 from h3de_lite.data.case import Case
 from h3de_lite.data.landmarks import LANDMARK_NAMES
 from h3de_lite.data.phantom import Tissue, generate_phantom
-from h3de_lite.data.transforms import choose_crop_start
+from h3de_lite.data.transforms import choose_crop_start, crop
 
 SHAPE = (48, 48, 32)  # ≈2.2–2.4 mm in-plane, 2.5–3.1 mm slices: anisotropic
 SEEDS = (0, 1, 2, 3)
@@ -220,6 +222,44 @@ def test_warp_matches_point_and_image_for_a_general_matrix() -> None:
     out = warp(case, matrix)
     np.testing.assert_allclose(out.landmarks[0], (7, 10, 3), atol=1e-9)  # (2, -1, 0) → (1, 4, 0) from the centre
     assert out.volume[7, 10, 3] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("start", [(10, 7, 5), (0, 0, 0), (24, 24, 8)])
+def test_warp_crop_is_the_crop_of_the_warped_volume(start) -> None:
+    """warp_crop resamples only the box and gives crop(warp(...)): image, labels, landmarks, affine, names."""
+    case = _phantom(1)  # incomplete: NaN rows pass through
+    matrix = rotate_scale_matrix(case.spacing, angles_deg=(8.0, -6.0, 13.0), scale=1.07)
+    size = (24, 24, 24)
+    whole = warp(case, matrix)
+    expected = RandomCrop._crop(whole, np.asarray(start), np.asarray(size))
+    got = warp_crop(case, matrix, start, size)
+    assert isinstance(got, LabeledCase)
+    np.testing.assert_allclose(got.volume, expected.volume, rtol=0, atol=1e-3)  # HU, float32 offset rounding
+    assert np.mean(got.labels != expected.labels) < 1e-3  # nearest neighbour: a tie may round the other way
+    np.testing.assert_array_equal(got.landmarks, expected.landmarks)
+    np.testing.assert_array_equal(got.affine, expected.affine)
+    assert got.names == expected.names and np.isnan(got.landmarks).any()
+    assert not np.array_equal(got.volume, crop(case, start, size).volume)  # the warp happened
+
+
+def test_warp_crop_of_a_box_leaving_the_volume_pads_like_crop() -> None:
+    case = _phantom(0)
+    matrix = rotate_scale_matrix(case.spacing, angles_deg=(0.0, 0.0, 15.0), scale=0.95)
+    start, size = np.array([-4, 30, 20]), np.array([16, 24, 16])  # out at both ends
+    assert _same(warp_crop(case, matrix, start, size), RandomCrop._crop(warp(case, matrix), start, size))
+
+
+def test_random_rotate_scale_draw_is_the_call_without_the_resampling() -> None:
+    case, t = _phantom(2), RandomRotateScale(degrees=12, scale=(0.9, 1.1), p=0.5)
+    calls, draws = np.random.default_rng(7), np.random.default_rng(7)
+    applied = 0
+    for _ in range(6):
+        matrix = t.draw(case, draws)
+        out = t(case, calls)
+        applied += matrix is not None
+        assert _same(out, case if matrix is None else warp(case, matrix))
+        assert calls.random() == draws.random()  # the same number of draws each time
+    assert 0 < applied < 6
 
 
 @pytest.mark.parametrize("seed", SEEDS)

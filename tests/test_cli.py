@@ -212,10 +212,14 @@ def test_train_anchor_run_records_the_recipes_test_time_flip(small_dataset: Path
     from h3de_lite.evaluation import load_predictor
 
     run = tmp_path / "anchor"
-    assert main(_train_argv(small_dataset, run, "--head", "anchor", "--hard-negatives", "3")) == 0
+    argv = _train_argv(small_dataset, run, "--head", "anchor", "--hard-negatives", "3", "--landmark-existence", "0.5")
+    assert main(argv) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["inference"] == {"tta": "flip"}  # h3de_lite.tta mirrors the anchor grid too
     assert config["train"]["hard_negative_ratio"] == 3.0
+    assert config["train"]["lambda_landmark"] == 0.5
+    history = json.loads((run / "history.json").read_text())
+    assert history["epochs"][0]["loss"]["landmark"] > 0  # the term was trained and logged
     assert load_predictor(run, device="cpu").tta == "flip"
 
 
@@ -234,6 +238,28 @@ def test_train_seed_sets_the_initial_weights(small_dataset: Path, tmp_path: Path
         torch.manual_seed(123 + len(starts))  # whatever the global generator holds before the command
         assert main(_train_argv(small_dataset, tmp_path / name, "--seed", seed)) == 0
     assert torch.equal(starts[0], starts[1]) and not torch.equal(starts[0], starts[2])
+
+
+def test_train_augmentation_follows_the_recipe_unless_told(small_dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    # The tiny recipe trains with flips, rotations/scalings and intensity jitter; --no-augment and --augment override
+    # the recipe either way, and config.json → data records what ran.
+    import h3de_lite.training as training
+    from h3de_lite.data.augment import Compose, IntensityJitter, RandomFlipLR, RandomRotateScale
+
+    seen = []
+
+    def record(model, train_data, *args, data_config=None, **kwargs):
+        seen.append((train_data.augment, train_data.intensity_augment, data_config["augment"]))
+        return {"epochs": [], "best_epoch": None}
+
+    monkeypatch.setattr(training, "fit", record)
+    for name, extra in (("recipe", ()), ("off", ("--no-augment",)), ("paper", ("--preset", "paper", "--augment"))):
+        assert main(_train_argv(small_dataset, tmp_path / name, *extra)) == 0
+    (spatial, intensity, recorded), (none, no_jitter, off), (paper_spatial, _, paper_recorded) = seen
+    assert isinstance(spatial, Compose) and [type(t) for t in spatial.transforms] == [RandomFlipLR, RandomRotateScale]
+    assert isinstance(intensity, IntensityJitter) and recorded is True
+    assert none is None and no_jitter is None and off is False
+    assert isinstance(paper_spatial, Compose) and paper_recorded is True  # the paper recipe has none by default
 
 
 @pytest.mark.parametrize(

@@ -120,6 +120,37 @@ def test_augmentation_is_training_only_and_seeded(root: Path) -> None:
             LandmarkDataset(root, "test", **kwargs)
 
 
+def test_rotation_is_resampled_in_the_crop_only_and_gives_the_same_items(root: Path, monkeypatch) -> None:
+    """A trailing RandomRotateScale is resampled inside the crop (warp_crop): the items of the whole-volume warp, and
+    no whole-volume warp made."""
+    from h3de_lite.data import augment as aug
+    from h3de_lite.data.augment import Compose, RandomFlipLR, RandomRotateScale
+
+    pipeline = Compose([RandomFlipLR(), RandomRotateScale(degrees=15, scale=(0.9, 1.1))])
+    kwargs = dict(crop_size=CROP, seed=5, p_partial=0.3, p_background=0.2)
+    windowed = LandmarkDataset(root, "train", augment=pipeline, **kwargs)
+    whole = LandmarkDataset(root, "train", augment=lambda case, rng: pipeline(case, rng), **kwargs)  # opaque: whole
+    warped_shapes = []
+    real_warp = aug.warp
+
+    def counted_warp(case, *args, **kwargs):
+        warped_shapes.append(case.volume.shape)
+        return real_warp(case, *args, **kwargs)
+
+    monkeypatch.setattr(aug, "warp", counted_warp)
+    for epoch in range(3):
+        for ds in (windowed, whole):
+            ds.set_epoch(epoch)
+        for i in range(3):
+            before = len(warped_shapes)
+            a = windowed[i]
+            assert len(warped_shapes) == before  # the windowed path never warps the whole volume
+            b = whole[i]
+            assert len(warped_shapes) == before + 1
+            torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=1e-3)
+            torch.testing.assert_close(a["landmarks"], b["landmarks"], equal_nan=True)
+
+
 def test_background_crops_hold_no_landmark(tmp_path: Path) -> None:
     volume = np.zeros((40, 40, 20), dtype=np.int16)
     landmarks = np.full((14, 3), np.nan)

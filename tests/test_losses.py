@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from h3de_lite.anchors import AnchorGrid
 from h3de_lite.heatmaps import gaussian_heatmaps
-from h3de_lite.losses import anchor_based_loss, anchor_free_loss, existence_loss, heatmap_loss, offset_loss
+from h3de_lite.losses import (
+    anchor_based_loss,
+    anchor_free_loss,
+    existence_loss,
+    heatmap_loss,
+    landmark_existence_loss,
+    offset_loss,
+)
 
 NAN = float("nan")
 HM = torch.zeros(1, 2, 2, 2, 2)
@@ -102,6 +109,45 @@ def test_hard_negative_mining():
     expected = FLOOR + F.softplus(torch.tensor([3.0, 2.0, 1.0])).mean().item()
     assert mined == pytest.approx(expected, rel=1e-6)
     assert existence_loss(logits, y).item() < mined  # the plain negative mean dilutes the hard ones
+
+
+def test_landmark_existence_scores_each_landmarks_best_anchor():
+    # Two crops, three landmarks, four anchors. Crop 0: landmark 0 has a positive anchor (in the crop), landmarks
+    # 1 and 2 have none (missing or outside). Crop 1: landmark 2 is in the crop. One BCE per (crop, landmark) on the
+    # highest logit, by hand: softplus(-z) for label 1, softplus(z) for label 0.
+    logits = torch.tensor(
+        [
+            [[2.0, -1.0, -4.0], [0.5, 3.0, -2.0], [-1.0, -6.0, -3.0], [1.0, 0.0, -5.0]],
+            [[-2.0, -3.0, 0.5], [-1.0, -2.0, -1.0], [-4.0, 1.5, 2.5], [0.0, -1.0, 4.0]],
+        ],
+        dtype=torch.float64,
+        requires_grad=True,
+    )  # (B=2, A=4, L=3)
+    positive = torch.zeros(2, 4, 3, dtype=torch.bool)
+    positive[0, 2, 0] = True  # not the best anchor of landmark 0: the label is per landmark, the logit its maximum
+    positive[1, 3, 2] = True
+    best = [[2.0, 3.0, -2.0], [0.0, 1.5, 4.0]]
+    labels = [[1, 0, 0], [0, 0, 1]]
+    softplus = lambda z: math.log1p(math.exp(z))  # noqa: E731
+    pairs = [(z, y) for zs, ys in zip(best, labels, strict=True) for z, y in zip(zs, ys, strict=True)]
+    terms = [softplus(-z) if y else softplus(z) for z, y in pairs]
+    loss = landmark_existence_loss(logits, positive)
+    assert loss.item() == pytest.approx(sum(terms) / 6, rel=1e-12)
+    loss.backward()
+    reached = logits.grad != 0
+    assert reached.sum().item() == 6 and reached.any(dim=1).all()  # only each landmark's best anchor
+    with pytest.raises(ValueError, match="landmark_existence_loss"):
+        landmark_existence_loss(logits, positive[:, :3])
+
+
+def test_anchor_based_loss_adds_the_landmark_term_only_when_weighted(batch):
+    grid, _, targets, hm, _ = batch
+    outputs = {"offsets": targets["offsets"].clone(), "logits": torch.zeros_like(targets["probabilities"])}
+    plain = anchor_based_loss(outputs, targets, lambda_heatmap=0.0)
+    assert "landmark" not in plain
+    weighted = anchor_based_loss(outputs, targets, lambda_heatmap=0.0, lambda_landmark=0.5)
+    assert weighted["landmark"].item() == pytest.approx(math.log(2))  # every best logit is 0
+    assert weighted["total"].item() == pytest.approx(plain["total"].item() + 0.5 * math.log(2), rel=1e-6)
 
 
 def test_anchor_based_weights_and_terms(batch):

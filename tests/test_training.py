@@ -273,6 +273,18 @@ def test_run_dir_refusal_overwrite_and_resume_errors(tmp_path):
     assert [e["epoch"] for e in more["epochs"]] == [1, 2]
 
 
+def test_resume_a_run_written_before_a_config_field_existed():
+    # Runs written before TrainConfig.lambda_landmark existed have no such key: they ran with the default (0, off),
+    # so resuming them with the default is no change; a different value is.
+    from h3de_lite.training.engine import _check_resume_config
+
+    old = TrainConfig().to_dict()
+    del old["lambda_landmark"]
+    _check_resume_config(old, TrainConfig())
+    with pytest.raises(ValueError, match=r"different config \(lambda_landmark: 0.0 → 1.0\)"):
+        _check_resume_config(old, TrainConfig(lambda_landmark=1.0))
+
+
 def test_resume_mid_epoch_is_bit_exact(tmp_path):
     # 6 items, batch 2 → 3 steps per epoch; dropout makes the model consume the torch RNG, the dataset moves its
     # landmarks every epoch, and Adam carries state: all of it must come back from the checkpoint.

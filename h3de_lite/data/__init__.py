@@ -15,6 +15,7 @@ from h3de_lite.data.augment import (
     landmarks_off_tissue,
     rotate_scale,
     rotation_matrix,
+    training_augmentation,
     warp,
 )
 from h3de_lite.data.case import Case, validate_spacing
@@ -62,6 +63,7 @@ __all__ = [
     "rotate_scale",
     "warp",
     "rotation_matrix",
+    "training_augmentation",
     "adjust_intensity",
     "landmarks_off_tissue",
     "Case",

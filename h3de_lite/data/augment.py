@@ -32,7 +32,7 @@ from scipy import ndimage
 
 from h3de_lite.data.case import Case
 from h3de_lite.data.phantom import Tissue
-from h3de_lite.data.transforms import DEFAULT_WINDOW, _size3, choose_crop_start, crop
+from h3de_lite.data.transforms import DEFAULT_WINDOW, _crop_frame, _size3, choose_crop_start, crop
 
 __all__ = [
     "LabeledCase",
@@ -46,10 +46,14 @@ __all__ = [
     "flip_lr",
     "rotation_matrix",
     "warp",
+    "warp_crop",
+    "warp_landmarks",
     "rotate_scale",
+    "rotate_scale_matrix",
     "adjust_intensity",
     "landmark_tissue",
     "landmarks_off_tissue",
+    "training_augmentation",
 ]
 
 
@@ -326,10 +330,14 @@ class RandomCrop:
         return choose_crop_start(shape_arr, landmarks, self.size, rng=rng, keep_landmarks=True)
 
     def __call__(self, case: Case, rng: np.random.Generator) -> Case:
-        start = self.choose_start(case.volume.shape, case.landmarks, rng)
-        out = crop(case, start, self.size)
+        return self._crop(case, self.choose_start(case.volume.shape, case.landmarks, rng), self.size)
+
+    @staticmethod
+    def _crop(case: Case, start: np.ndarray, size: np.ndarray) -> Case:
+        """:func:`~h3de_lite.data.transforms.crop`, labels included for a :class:`LabeledCase`."""
+        out = crop(case, start, size)
         if isinstance(case, LabeledCase):
-            return LabeledCase.from_case(out, _crop_labels(case.labels, start, self.size))
+            return LabeledCase.from_case(out, _crop_labels(case.labels, start, size))
         return out
 
 
@@ -487,24 +495,103 @@ def warp(case: Case, matrix: np.ndarray, *, order: int = 1) -> Case:
 
     Explained in notebooks/02_data.ipynb.
     """
+    matrix = _check_warp(matrix, order)
+    volume, labels = _resample_warped(case, matrix, np.zeros(3, dtype=np.int64), case.volume.shape, order=order)
+    return _rebuild(case, volume=volume, landmarks=warp_landmarks(case, matrix), labels=labels)
+
+
+def _check_warp(matrix: np.ndarray, order: int) -> np.ndarray:
+    """``matrix`` as a float64 ``(3, 3)`` array, or ``ValueError`` naming what is wrong with it or with ``order``."""
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (3, 3) or not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-12:
         raise ValueError(f"matrix must be an invertible finite (3, 3) array, got shape {matrix.shape}")
     if order not in (0, 1, 2, 3, 4, 5):
         raise ValueError(f"order must be a spline order 0..5, got {order!r}")
+    return matrix
+
+
+def _resample_warped(case: Case, matrix: np.ndarray, start: np.ndarray, size, *, order: int):  # noqa: ANN001, ANN202
+    """The voxels ``[start, start + size)`` of the warped volume (and labels), pulled through the inverse map.
+
+    Output voxel ``j`` of the box is voxel ``y = start + j`` of the warped volume, read at ``x = A⁻¹ (y - c) + c`` in
+    the input: one ``affine_transform`` with the box's offset, whatever the box's size.
+
+    Shape:
+        → volume ``size`` (float32 for ``order > 0``), labels ``size`` or None.
+    """
     centre = (np.asarray(case.volume.shape, dtype=np.float64) - 1.0) / 2.0
     inverse = np.linalg.inv(matrix)
-    offset = centre - inverse @ centre  # x = inverse @ y + offset
+    offset = centre - inverse @ centre + inverse @ np.asarray(start, dtype=np.float64)  # x = inverse @ j + offset
+    shape = tuple(int(n) for n in size)
     dtype = case.volume.dtype if order == 0 else np.float32
     fill = float(case.volume.min()) if case.volume.size else 0.0
     volume = ndimage.affine_transform(case.volume.astype(dtype, copy=False), inverse, offset=offset, order=order,
-                                      output=dtype, mode="constant", cval=fill)  # fmt: skip
+                                      output_shape=shape, output=dtype, mode="constant", cval=fill)  # fmt: skip
     labels = None
     if isinstance(case, LabeledCase):
-        labels = ndimage.affine_transform(case.labels, inverse, offset=offset, order=0, output=case.labels.dtype,
-                                          mode="constant", cval=0)  # fmt: skip
+        labels = ndimage.affine_transform(case.labels, inverse, offset=offset, order=0, output_shape=shape,
+                                          output=case.labels.dtype, mode="constant", cval=0)  # fmt: skip
+    return volume, labels
+
+
+def warp_landmarks(case: Case, matrix: np.ndarray) -> np.ndarray:
+    """The landmarks of :func:`warp`: pushed through ``y = c + matrix @ (x - c)``, ``NaN`` where they leave the volume.
+
+    Cheap (no voxel is touched): what a crop placed by the warped landmarks needs before any voxel is resampled.
+
+    Shape:
+        case.landmarks ``(L, 3)``, matrix ``(3, 3)`` → ``(L, 3)``.
+
+    Example:
+        >>> c = Case(volume=np.zeros((9, 9, 9)), landmarks=[[4.0, 6.0, 4.0]], spacing=[1, 1, 1], names=("La",))
+        >>> warp_landmarks(c, np.diag([1.0, 0.5, 1.0])).tolist()
+        [[4.0, 5.0, 4.0]]
+    """
+    matrix = _check_warp(matrix, 1)
+    centre = (np.asarray(case.volume.shape, dtype=np.float64) - 1.0) / 2.0
     landmarks = (case.landmarks - centre) @ matrix.T + centre  # NaN rows stay NaN
-    return _rebuild(case, volume=volume, landmarks=_outside_to_nan(landmarks, case.volume.shape), labels=labels)
+    return _outside_to_nan(landmarks, case.volume.shape)
+
+
+def warp_crop(case: Case, matrix: np.ndarray, start: Sequence[int], size: Sequence[int], *, order: int = 1) -> Case:
+    """``crop(warp(case, matrix, order=order), start, size)``, resampling only the voxels of the box.
+
+    A training crop of 64 × 64 × 32 voxels out of a whole head at 1.5 mm is about 1/20 of the volume: warping the
+    whole volume first and throwing the rest away is what made training augmentation cost as much as the training
+    step on a CPU. The voxels are those of the warped volume at the same sample points (equal up to float32 rounding
+    of the map's offset); landmarks, affine, labels and names are :func:`~h3de_lite.data.transforms.crop`'s of
+    :func:`warp`'s. A box that leaves the volume (a volume smaller than the crop) takes the plain two steps, so that
+    its padding is :func:`~h3de_lite.data.transforms.crop`'s.
+
+    Args:
+        case: the case before the warp.
+        matrix: ``(3, 3)`` forward map in voxel index space (as :func:`warp`).
+        start: first voxel of the box in the warped volume (three integers).
+        size: box size ``(D, H, W)``.
+        order: spline order for the image.
+
+    Shape:
+        - case.volume: ``(D0, H0, W0)``
+        - output: ``Case`` with volume ``size``, landmarks ``(L, 3)`` in box coordinates
+
+    Example:
+        >>> c = Case(volume=np.zeros((20, 20, 10)), landmarks=np.full((14, 3), 5.0), spacing=[1, 1, 1])
+        >>> warp_crop(c, np.eye(3), (2, 2, 2), (8, 8, 4)).volume.shape
+        (8, 8, 4)
+    """
+    matrix = _check_warp(matrix, order)
+    size = _size3(size, what="size")
+    start = np.asarray(start)
+    if start.shape != (3,) or not np.all(np.mod(start, 1) == 0):
+        raise ValueError(f"start must be three integers, got {start!r}")
+    start = start.astype(np.int64)
+    if np.any(start < 0) or np.any(start + size > np.asarray(case.volume.shape)):
+        return RandomCrop._crop(warp(case, matrix, order=order), start, size)
+    volume, labels = _resample_warped(case, matrix, start, size, order=order)
+    landmarks, affine = _crop_frame(warp_landmarks(case, matrix), case.affine, start, size)
+    common = dict(volume=volume, landmarks=landmarks, spacing=case.spacing.copy(), case_id=case.case_id,
+                  affine=affine, names=case.names)  # fmt: skip
+    return LabeledCase(**common, labels=labels) if isinstance(case, LabeledCase) else Case(**common)
 
 
 def rotate_scale(case: Case, *, angles_deg: Sequence[float] = (0.0, 0.0, 0.0), scale: float = 1.0,
@@ -532,11 +619,23 @@ def rotate_scale(case: Case, *, angles_deg: Sequence[float] = (0.0, 0.0, 0.0), s
 
     Explained in notebooks/02_data.ipynb.
     """
+    return warp(case, rotate_scale_matrix(case.spacing, angles_deg=angles_deg, scale=scale), order=order)
+
+
+def rotate_scale_matrix(spacing: Sequence[float], *, angles_deg: Sequence[float], scale: float) -> np.ndarray:
+    """The voxel-index map of :func:`rotate_scale`: ``A = S⁻¹ (scale · R) S`` with ``S = diag(spacing)``.
+
+    Shape:
+        spacing ``(3,)`` → ``(3, 3)``.
+
+    Example:
+        >>> rotate_scale_matrix([1.0, 1.0, 2.0], angles_deg=(0, 0, 0), scale=2.0).diagonal().tolist()
+        [2.0, 2.0, 2.0]
+    """
     if not (isinstance(scale, (int, float, np.floating, np.integer)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-    s = np.diag(case.spacing)
-    matrix = np.linalg.inv(s) @ (float(scale) * rotation_matrix(angles_deg)) @ s
-    return warp(case, matrix, order=order)
+    s = np.diag(np.asarray(spacing, dtype=np.float64))
+    return np.linalg.inv(s) @ (float(scale) * rotation_matrix(angles_deg)) @ s
 
 
 class RandomRotateScale:
@@ -579,12 +678,24 @@ class RandomRotateScale:
         return (f"RandomRotateScale(degrees={self.degrees.tolist()}, scale={self.scale}, p={self.p}, "
                 f"order={self.order})")  # fmt: skip
 
-    def __call__(self, case: Case, rng: np.random.Generator) -> Case:
+    def draw(self, case: Case, rng: np.random.Generator) -> np.ndarray | None:
+        """Draw this call's transform without applying it: the :func:`warp` matrix, or None when it does not apply.
+
+        Takes the same draws from ``rng`` as a call, so that ``warp(case, draw(case, rng))`` is ``self(case, rng)``;
+        :class:`~h3de_lite.data.LandmarkDataset` uses it to resample only its crop (:func:`warp_crop`).
+
+        Shape:
+            → ``(3, 3)`` or None.
+        """
         if not _check_rng(rng).random() < self.p:
-            return _copy(case)
+            return None
         angles = rng.uniform(-self.degrees, self.degrees)
         scale = math.exp(rng.uniform(math.log(self.scale[0]), math.log(self.scale[1])))
-        return rotate_scale(case, angles_deg=angles, scale=scale, order=self.order)
+        return rotate_scale_matrix(case.spacing, angles_deg=angles, scale=scale)
+
+    def __call__(self, case: Case, rng: np.random.Generator) -> Case:
+        matrix = self.draw(case, rng)
+        return _copy(case) if matrix is None else warp(case, matrix, order=self.order)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -687,6 +798,25 @@ class IntensityJitter:
             volume += np.float32(sigma) * rng.standard_normal(volume.shape, dtype=np.float32)
         labels = case.labels.copy() if isinstance(case, LabeledCase) else None
         return _rebuild(case, volume=volume, landmarks=case.landmarks.copy(), labels=labels)
+
+
+def training_augmentation() -> tuple[Compose, IntensityJitter]:
+    """The training augmentation of ``h3de-lite train --augment`` (on in the ``tiny`` recipe), as the dataset takes it.
+
+    A spatial part, ``Compose([RandomFlipLR(), RandomRotateScale()])`` (left–right flips that swap the L/R names
+    half of the time, rotations up to 10° about each axis and scalings of 0.9–1.1), for
+    :class:`~h3de_lite.data.LandmarkDataset`'s ``augment``, and :class:`IntensityJitter` with its defaults, for its
+    ``intensity_augment``.
+
+    Returns:
+        ``(augment, intensity_augment)``.
+
+    Example:
+        >>> spatial, intensity = training_augmentation()
+        >>> [type(t).__name__ for t in spatial.transforms], type(intensity).__name__
+        (['RandomFlipLR', 'RandomRotateScale'], 'IntensityJitter')
+    """
+    return Compose([RandomFlipLR(), RandomRotateScale()]), IntensityJitter()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from h3de_lite.data.augment import RandomCrop
+from h3de_lite.data.augment import Compose, RandomCrop, RandomRotateScale, warp, warp_crop, warp_landmarks
 from h3de_lite.data.case import Case
 from h3de_lite.data.mml import list_mml_cases, read_mml_case, read_mml_landmarks
 from h3de_lite.data.transforms import (
@@ -80,7 +80,9 @@ class LandmarkDataset(Dataset):
         seed: base seed of the random crops and augmentations.
         augment: training augmentation of the whole (resampled) volume before the crop, e.g.
             ``Compose([RandomFlipLR(), RandomRotateScale()])`` (:mod:`h3de_lite.data.augment`); it keeps the grid, so
-            the crop then sees where the landmarks went. Only with random crops (training items).
+            the crop then sees where the landmarks went. A trailing ``RandomRotateScale`` (alone or last in a
+            ``Compose``) is resampled only inside the crop (:func:`~h3de_lite.data.augment.warp_crop`): the same
+            items, a fraction of the time. Only with random crops (training items).
         intensity_augment: applied to the crop in HU, before the window, e.g. ``IntensityJitter()``; training only.
         p_partial: probability that a random crop holds only part of the landmarks (:class:`RandomCrop`).
         p_background: probability that a random crop holds none of them, so that sliding-window inference has seen
@@ -229,13 +231,22 @@ class LandmarkDataset(Dataset):
         origin = np.zeros(3, dtype=np.int64)
         landmarks = case.landmarks  # whole volume: every landmark of the file
         if self.crop_size is not None and self.random_crop:
-            # training: augment the whole volume, then let the ground truth place the crop; landmarks it cuts off
-            # become NaN (absent); intensity jitter in HU on the crop, before the window
+            # training: augment the whole volume, then let the (augmented) ground truth place the crop; landmarks it
+            # cuts off become NaN (absent); intensity jitter in HU on the crop, before the window
             rng = self._rng(index)
-            if self.augment is not None:
-                case = self.augment(case, rng)
+            # A trailing RandomRotateScale is drawn here but resampled only inside the crop (warp_crop): the same
+            # sample, a fraction of the work. The draws from rng come in the same order as augment(case, rng).
+            eager, rotation = _split_rotation(self.augment)
+            if eager is not None:
+                case = eager(case, rng)
+            matrix = rotation.draw(case, rng) if rotation is not None else None
             if self.p_zoom and rng.random() < self.p_zoom:  # no draw at p_zoom = 0: the crops stay as they were
+                if matrix is not None:
+                    case = warp(case, matrix, order=rotation.order)
                 case = zoom_to_fit(case, size=self.crop_size)  # the coarse view of the whole volume
+            elif matrix is not None:
+                origin = self._crop.choose_start(case.volume.shape, warp_landmarks(case, matrix), rng)
+                case = warp_crop(case, matrix, origin, self.crop_size, order=rotation.order)
             else:
                 origin = self._crop.choose_start(case.volume.shape, case.landmarks, rng)
                 case = crop(case, origin, self.crop_size)
@@ -261,3 +272,15 @@ class LandmarkDataset(Dataset):
             "origin": torch.from_numpy(np.asarray(origin, dtype=np.int64)),
             "case_id": case.case_id,
         }
+
+
+def _split_rotation(augment: Augmentation | None) -> tuple[Augmentation | None, RandomRotateScale | None]:
+    """``augment`` as (what runs on the whole volume, a trailing :class:`RandomRotateScale` to resample in the crop).
+
+    ``RandomRotateScale`` alone or last in a :class:`Compose` is split off; any other augmentation runs whole.
+    """
+    if isinstance(augment, RandomRotateScale):
+        return None, augment
+    if isinstance(augment, Compose) and augment.transforms and isinstance(augment.transforms[-1], RandomRotateScale):
+        return Compose(augment.transforms[:-1]), augment.transforms[-1]
+    return augment, None

@@ -196,13 +196,24 @@ def crop(case: Case, start: Sequence[int], size: Sequence[int], *, fill: float |
         dst_lo = src_lo - start
         dst = tuple(slice(lo, lo + n) for lo, n in zip(dst_lo, src_hi - src_lo))
         out[dst] = case.volume[tuple(slice(lo, hi) for lo, hi in zip(src_lo, src_hi))]
-    landmarks = case.landmarks - start
-    inside = np.all((landmarks >= -0.5) & (landmarks <= size - 0.5), axis=1)
+    landmarks, affine = _crop_frame(case.landmarks, case.affine, start, size)
+    return Case(volume=out, landmarks=landmarks, spacing=case.spacing.copy(), case_id=case.case_id, affine=affine,
+                names=case.names)  # fmt: skip
+
+
+def _crop_frame(landmarks: np.ndarray, affine: np.ndarray, start: np.ndarray, size: np.ndarray):  # noqa: ANN202
+    """The landmarks and affine of the box ``[start, start + size)``: shifted by ``-start``, ``NaN`` outside the box.
+
+    Shape:
+        landmarks ``(L, 3)``, affine ``(4, 4)``, start and size ``(3,)`` → ``(L, 3)``, ``(4, 4)``.
+    """
+    landmarks = landmarks - start
+    with np.errstate(invalid="ignore"):  # NaN rows compare False and stay NaN
+        inside = np.all((landmarks >= -0.5) & (landmarks <= size - 0.5), axis=1)
     landmarks[~inside] = np.nan
     shift = np.eye(4)
     shift[:3, 3] = start
-    return Case(volume=out, landmarks=landmarks, spacing=case.spacing.copy(), case_id=case.case_id,
-                affine=case.affine @ shift, names=case.names)  # fmt: skip
+    return landmarks, affine @ shift
 
 
 def _most_landmarks_start(points: np.ndarray, size: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

@@ -70,6 +70,8 @@ class TrainConfig:
         lambda_cls: λ of the anchor existence term (eq. 15, 17); anchor head only.
         hard_negative_ratio: anchor head only: keep only the ``ratio · N_pos`` hardest negative anchor–landmark pairs
             in the existence term (:func:`~h3de_lite.losses.existence_loss`; not in the paper); ``None``: all.
+        lambda_landmark: anchor head only: weight of the per-landmark existence term
+            (:func:`~h3de_lite.losses.landmark_existence_loss`; not in the paper); 0: off.
         heatmap_loss: ``"mse"`` (eq. 13, the paper) or ``"softmax_ce"`` (faster CPU recipe, not the paper's).
         absent_class: ``softmax_ce`` only: give every channel an "absent" outcome with logit 0, trained on landmarks
             outside the crop or missing (:func:`~h3de_lite.losses.heatmap_softmax_ce_loss`); what makes the logits of
@@ -119,6 +121,7 @@ class TrainConfig:
     lambda_reg: float = 1.0
     lambda_cls: float = 1.0
     hard_negative_ratio: float | None = None
+    lambda_landmark: float = 0.0
     heatmap_loss: str = "mse"
     absent_class: bool = False
     sigma: float = 2.0
@@ -161,7 +164,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a positive number, got {getattr(self, name)!r}")
         if self.gamma > 1:
             raise ValueError(f"TrainConfig.gamma must lie in (0, 1], got {self.gamma!r}")
-        for name in ("weight_decay", "lambda_heatmap", "lambda_reg", "lambda_cls"):
+        for name in ("weight_decay", "lambda_heatmap", "lambda_reg", "lambda_cls", "lambda_landmark"):
             if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {getattr(self, name)!r}")
         if not _is_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:

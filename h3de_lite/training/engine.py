@@ -235,7 +235,7 @@ def training_losses(
     floats = {k: v.float() for k, v in outputs.items() if k in ("offsets", "logits")}
     losses = anchor_based_loss(
         floats, anchor_targets, lambda_reg=config.lambda_reg, lambda_cls=config.lambda_cls, lambda_heatmap=0.0,
-        hard_negative_ratio=config.hard_negative_ratio,
+        hard_negative_ratio=config.hard_negative_ratio, lambda_landmark=config.lambda_landmark,
     )
     hm = heatmap_term(outputs["heatmaps"]) if needs_heatmaps else losses["heatmap"]
     losses["heatmap"] = hm
@@ -361,6 +361,8 @@ def validate(
 # ---------------------------------------------------------------------------------------------------- fit
 def _check_resume_config(saved: dict[str, Any], config: TrainConfig) -> None:
     current = config.to_dict()
+    defaults = TrainConfig().to_dict()  # a field added after the run was written: it ran with the default
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     keys = (set(saved) | set(current)) - set(RESUMABLE_CHANGES)
     changed = sorted(k for k in keys if saved.get(k) != current.get(k))
     if changed:
