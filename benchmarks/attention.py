@@ -18,7 +18,14 @@ Methods (same dim, heads and parameters, batch 1):
   BlockMask comes from the routing, no gather. On CPU forward only (PyTorch's flex_attention has no CPU backward);
   the compilation happens in the warm-up call and is not timed.
 
-Every measurement runs in its own subprocess. Peak memory:
+Both modules are called the way :class:`h3de_lite.layers.block.VBRABlock` calls its attention: ``forward_channels_last``
+on a contiguous channels-last ``(1, D, H, W, C)`` tensor (the LayerNorm's output). ``--input volume`` times the
+modules' channels-first ``forward`` instead, which adds one transpose copy of the input to every method.
+
+Every measurement runs in its own subprocess. Times: one process for the forward passes and one for the
+forward + backward passes, each interleaving the methods round by round (a forward is timed in a process that runs
+only forwards, as inference does; V-BRA's many mid-sized allocations were slower after the backward passes' large
+ones had gone through the allocator). Peak memory:
 
 * CPU: the resident set size (RSS). The worker sets ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc returns every freed
   block above 64 KiB to the OS (RSS then follows the live tensors), runs one warm-up call, resets the kernel's RSS
@@ -103,7 +110,9 @@ def _build(method: str, cfg: dict):
         if method == "naive":
             module.gather = naive_gather
     device = torch.device(cfg["device"])
-    x = torch.randn(1, cfg["dim"], *cfg["grid"], device=device)
+    x = torch.randn(1, cfg["dim"], *cfg["grid"], device=device)  # (1, C, D, H, W)
+    if cfg.get("input", "tokens") == "tokens":
+        x = x.permute(0, 2, 3, 4, 1).contiguous()  # (1, D, H, W, C): the LayerNorm output VBRABlock passes
     return module.to(device), x
 
 
@@ -115,15 +124,19 @@ def _sync(device: str) -> None:
 
 
 def _steps(module, x) -> dict:
+    """The two timed calls. Channels-last tokens ``(1, D, H, W, C)`` go to ``forward_channels_last`` (how
+    :class:`~h3de_lite.layers.block.VBRABlock` calls either module), a ``(1, C, D, H, W)`` volume to ``forward``."""
     import torch
+
+    call = module.forward_channels_last if x.shape[-1] == module.dim else module
 
     def forward() -> None:
         with torch.no_grad():
-            module(x)
+            call(x)
 
     def forward_backward() -> None:
         module.zero_grad(set_to_none=True)
-        module(x).sum().backward()
+        call(x).sum().backward()
 
     return {"fwd": forward, "fb": forward_backward}
 
@@ -286,10 +299,14 @@ def _measure(grid, threads: int, args: argparse.Namespace, notes: list[str]) -> 
         "device": args.device,
         "threads": threads,
         "repeats": args.repeats,
+        "input": args.input,
     }
     results: dict[str, dict] = {method: {} for method in args.methods}
-    for method, values in _run_worker({**base, "plan": plan, "measure": "time"}).items():
-        results[method].update(values)
+    for step in ("fwd", "fb"):  # one process per step: a forward is timed where only forwards run, as in inference
+        step_plan = {method: [step] for method, steps in plan.items() if step in steps}
+        if step_plan:
+            for method, values in _run_worker({**base, "plan": step_plan, "measure": "time"}).items():
+                results[method].update(values)
     for method in plan:
         for key, values in _run_worker({**base, "plan": {method: plan[method]}, "measure": "memory"}).items():
             results[key].update(values)
@@ -400,6 +417,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (median reported)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
+        "--input",
+        choices=("tokens", "volume"),
+        default="tokens",
+        help="tokens: channels-last (1, D, H, W, C) into forward_channels_last, as VBRABlock calls the attention "
+        "(default); volume: (1, C, D, H, W) into forward, one channels-first transpose more for every method",
+    )
+    parser.add_argument(
         "--threads",
         type=_parse_threads,
         default=[1, 0],
@@ -453,15 +477,23 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         f"# device {args.device} ({device_name}, {os.cpu_count()} CPUs), torch {torch.__version__}; batch 1, "
         f"dim {args.dim}, heads {args.heads}, S={args.regions} (R={args.regions**3}), topk {args.topk}"
     )
+    print(
+        "# input: "
+        + (
+            "channels-last tokens (1, D, H, W, C) into forward_channels_last, as VBRABlock calls the attention"
+            if args.input == "tokens"
+            else "a (1, C, D, H, W) volume into forward (one channels-first transpose per call more than in VBRABlock)"
+        )
+    )
     mem_method = (
         "torch.cuda.max_memory_allocated"
         if args.device == "cuda"
         else "RSS high-water mark (VmHWM after clear_refs) minus RSS before the call, one subprocess each"
     )
     print(
-        f"# time: median of the timed calls after one warm-up ({args.repeats} rounds, methods interleaved in one "
-        f"process; calls under {FAST_S} s repeated up to 10× per round, calls stop after {SLOW_BUDGET_S:.0f} s "
-        f"of samples; n = samples fwd/fwd+bwd)"
+        f"# time: median of the timed calls after one warm-up ({args.repeats} rounds, methods interleaved, one "
+        f"process per step (fwd, fwd+bwd); calls under {FAST_S} s repeated up to 10× per round, calls stop after "
+        f"{SLOW_BUDGET_S:.0f} s of samples; n = samples fwd/fwd+bwd)"
     )
     print(f"# peak memory: {mem_method}")
     print(f"# 1-minute load average at start: {os.getloadavg()[0]:.1f} (other processes share the CPU when > 0)")
