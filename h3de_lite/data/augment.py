@@ -105,10 +105,12 @@ class LabeledCase(Case):
                    affine=case.affine, names=case.names, labels=labels)  # fmt: skip
 
 
-def _rebuild(case: Case, *, volume: np.ndarray, landmarks: np.ndarray, labels: np.ndarray | None = None) -> Case:
-    """A new case like ``case`` (same grid) with new voxels and landmarks; a :class:`LabeledCase` stays one."""
+def _rebuild(case: Case, *, volume: np.ndarray, landmarks: np.ndarray, labels: np.ndarray | None = None,
+             affine: np.ndarray | None = None) -> Case:  # fmt: skip
+    """A new case like ``case`` with new voxels and landmarks (and ``affine``, default the same grid's); a
+    :class:`LabeledCase` stays one."""
     common = dict(volume=volume, landmarks=landmarks, spacing=case.spacing.copy(), case_id=case.case_id,
-                  affine=case.affine.copy(), names=case.names)  # fmt: skip
+                  affine=case.affine.copy() if affine is None else affine, names=case.names)  # fmt: skip
     if isinstance(case, LabeledCase):
         assert labels is not None and labels.shape == volume.shape  # internal: every transform passes labels on
         return LabeledCase(**common, labels=labels)
@@ -589,9 +591,7 @@ def warp_crop(case: Case, matrix: np.ndarray, start: Sequence[int], size: Sequen
         return RandomCrop._crop(warp(case, matrix, order=order), start, size)
     volume, labels = _resample_warped(case, matrix, start, size, order=order)
     landmarks, affine = _crop_frame(warp_landmarks(case, matrix), case.affine, start, size)
-    common = dict(volume=volume, landmarks=landmarks, spacing=case.spacing.copy(), case_id=case.case_id,
-                  affine=affine, names=case.names)  # fmt: skip
-    return LabeledCase(**common, labels=labels) if isinstance(case, LabeledCase) else Case(**common)
+    return _rebuild(case, volume=volume, landmarks=landmarks, labels=labels, affine=affine)
 
 
 def rotate_scale(case: Case, *, angles_deg: Sequence[float] = (0.0, 0.0, 0.0), scale: float = 1.0,

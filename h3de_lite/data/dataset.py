@@ -177,6 +177,7 @@ class LandmarkDataset(Dataset):
                 "crop_size=(D, H, W) and random_crop=True (the default for split='train'), or drop them"
             )
         self.augment = augment
+        self._eager, self._rotation = _split_rotation(augment)  # split once, not per item
         self.cache = bool(cache)
         self._cases: dict[int, tuple[Case, np.ndarray]] = {}
         self.intensity_augment = intensity_augment
@@ -236,7 +237,7 @@ class LandmarkDataset(Dataset):
             rng = self._rng(index)
             # A trailing RandomRotateScale is drawn here but resampled only inside the crop (warp_crop): the same
             # sample, a fraction of the work. The draws from rng come in the same order as augment(case, rng).
-            eager, rotation = _split_rotation(self.augment)
+            eager, rotation = self._eager, self._rotation
             if eager is not None:
                 case = eager(case, rng)
             matrix = rotation.draw(case, rng) if rotation is not None else None
