@@ -11,9 +11,14 @@ Methods (same dim, heads and parameters, batch 1):
   ``(R, R, T, C)`` then ``torch.gather``) and no chunking, as in BiFormer's ``bra_legacy.py``;
 * ``gather`` — :class:`h3de_lite.layers.attention.BiLevelRoutingAttention3d` with ``backend="gather"`` (index gather
   of whole regions into a reused buffer, chunked query regions, the flash kernel; on CPU the backward regathers
-  chunk by chunk instead of keeping the gathers, and inference writes the output over q) — what ``backend="auto"``
-  runs on CPU. Both modules run their float32 token projections through oneDNN in inference (``fwd``) and through
-  ``F.linear`` while autograd records (``fwd+bwd``), see ``h3de_lite.layers.attention._linear``;
+  chunk by chunk instead of keeping the gathers, and inference writes the output over q; with 2 threads or more the
+  chunks run side by side on single-threaded worker threads) — what ``backend="auto"`` runs on CPU. Both modules run
+  their float32 token projections through oneDNN in inference (``fwd``) and through ``F.linear`` while autograd
+  records (``fwd+bwd``), see ``h3de_lite.layers.attention._linear``;
+* ``serial`` — the ``gather`` method with its chunks of query regions run one after the other on the calling thread,
+  each flash-kernel call using all threads (``h3de_lite.layers.workers.chunk_parallelism(False)``), as before V-BRA
+  handed its chunks to single-threaded worker threads (``h3de_lite.layers.workers``). Same numbers, bit for bit;
+  at 1 thread the two are one method, and ``serial`` is skipped;
 * ``flex``   — the same module with ``backend="flex"``: one block-sparse ``torch.compile(flex_attention)`` call whose
   BlockMask comes from the routing, no gather. On CPU forward only (PyTorch's flex_attention has no CPU backward);
   the compilation happens in the warm-up call and is not timed.
@@ -69,7 +74,7 @@ from pathlib import Path
 from _report import add_save_option, saved_report  # benchmarks/_report.py
 from _rss import reset_peak, rss_kib  # benchmarks/_rss.py
 
-METHODS = ("dense", "naive", "gather", "flex")
+METHODS = ("dense", "naive", "serial", "gather", "flex")
 ACCEPT_GRID = (32, 32, 16)
 ACCEPT_SPEEDUP = 12.0  # forward, V-BRA (gather) against dense, at ACCEPT_GRID, for every thread count
 FAST_S = 0.25  # calls shorter than this are timed several times per round
@@ -123,20 +128,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _steps(module, x) -> dict:
+def _steps(module, x, *, lanes: bool = True) -> dict:
     """The two timed calls. Channels-last tokens ``(1, D, H, W, C)`` go to ``forward_channels_last`` (how
-    :class:`~h3de_lite.layers.block.VBRABlock` calls either module), a ``(1, C, D, H, W)`` volume to ``forward``."""
+    :class:`~h3de_lite.layers.block.VBRABlock` calls either module), a ``(1, C, D, H, W)`` volume to ``forward``.
+    ``lanes=False``: V-BRA's chunks run on the calling thread (the ``serial`` method)."""
     import torch
+
+    from h3de_lite.layers.workers import chunk_parallelism
 
     call = module.forward_channels_last if x.shape[-1] == module.dim else module
 
     def forward() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), chunk_parallelism(lanes):
             call(x)
 
     def forward_backward() -> None:
         module.zero_grad(set_to_none=True)
-        call(x).sum().backward()
+        with chunk_parallelism(lanes):
+            call(x).sum().backward()
 
     return {"fwd": forward, "fb": forward_backward}
 
@@ -156,7 +165,7 @@ def _time_worker(cfg: dict) -> dict:
     calls = {}
     for method, names in cfg["plan"].items():
         module, x = _build(method, cfg)
-        steps = _steps(module, x)
+        steps = _steps(module, x, lanes=method != "serial")
         for name in names:
             calls[(method, name)] = steps[name]
     times: dict = {key: [] for key in calls}
@@ -194,7 +203,7 @@ def _memory_worker(cfg: dict) -> dict:
         torch.set_num_threads(cfg["threads"])
     ((method, names),) = cfg["plan"].items()
     module, x = _build(method, cfg)
-    steps = _steps(module, x)
+    steps = _steps(module, x, lanes=method != "serial")
     result: dict = {}
     for name in names:
         steps[name]()  # warm-up
@@ -263,12 +272,18 @@ def _parse_threads(text: str) -> list[int]:
     return values
 
 
-def _plan(grid: tuple[int, int, int], args: argparse.Namespace, notes: list[str]) -> dict[str, list[str]]:
-    """Which steps each method runs at ``grid`` (skips are explained in ``notes``)."""
+def _plan(grid: tuple[int, int, int], threads: int, args: argparse.Namespace, notes: list[str]) -> dict[str, list[str]]:
+    """Which steps each method runs at ``grid`` on ``threads`` threads (skips are explained in ``notes``)."""
     tokens = math.prod(grid)
     label = "×".join(map(str, grid))
     plan: dict[str, list[str]] = {}
     for method in args.methods:
+        if method == "serial" and (threads == 1 or args.device != "cpu"):
+            notes.append(
+                "serial skipped on 1 thread and on CUDA: V-BRA hands its chunks to worker threads only on CPU with "
+                "2 threads or more, so there it is the gather method"
+            )
+            continue
         if method == "dense" and tokens > args.dense_max_tokens:
             notes.append(
                 f"dense skipped at {label} ({tokens} tokens > --dense-max-tokens {args.dense_max_tokens}: "
@@ -289,7 +304,7 @@ def _plan(grid: tuple[int, int, int], args: argparse.Namespace, notes: list[str]
 
 
 def _measure(grid, threads: int, args: argparse.Namespace, notes: list[str]) -> dict[str, dict]:
-    plan = _plan(grid, args, notes)
+    plan = _plan(grid, threads, args, notes)
     base = {
         "grid": grid,
         "dim": args.dim,
@@ -374,6 +389,15 @@ def _checks(rows: dict[tuple, dict], grids: list, threads_label: str, ideal: flo
                     f"; forward+backward {dense['fb_ms'] / gather['fb_ms']:.1f}× faster, peak "
                     f"{gather['fb_mb']:.1f} MB vs {dense['fb_mb']:.1f} MB"
                 )
+            checks.append(line)
+        serial = rows[(grid, "serial")]
+        if "fwd_ms" in serial and "fwd_ms" in gather:
+            line = (
+                f"{threads_label}, {label}: chunks on worker threads (gather) against one after the other (serial): "
+                f"forward {serial['fwd_ms'] / gather['fwd_ms']:.2f}× faster"
+            )
+            if "fb_ms" in serial and "fb_ms" in gather:
+                line += f", forward+backward {serial['fb_ms'] / gather['fb_ms']:.2f}× faster"
             checks.append(line)
         if "fwd_ms" in flex and "fwd_ms" in gather:
             slower = flex["fwd_ms"] / gather["fwd_ms"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -531,3 +533,76 @@ def test_routing_runs_on_meta_tensors():
     q, kv = torch.empty(1, 4, 8, 8, device="meta"), torch.empty(1, 4, 8, 16, device="meta")
     out, indices, _ = regional_routing_attention(q, kv, num_heads=1, topk=2, scale=1.0, routing_scale=1.0, fused=False)
     assert out.shape == (1, 4, 8, 8) and indices.shape == (1, 4, 2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_worker_lanes_give_the_same_values_and_gradients_bit_for_bit(masked, chunk):
+    """With 2 threads the CPU chunks run on 2 single-threaded workers; the same arithmetic as one lane, bit for bit.
+
+    The backward's lanes add their key/value gradients in chunk order, so even the sums of a region routed from
+    several chunks are the same.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        from h3de_lite.layers.workers import chunk_parallelism, chunk_workers
+
+        assert chunk_workers(2) is not None
+        q, kv = _routing_inputs(num_regions=8, tokens=6, batch=2)
+        kwargs = dict(num_heads=2, topk=3, scale=0.5, routing_scale=0.35, query_chunk=chunk, return_values=True)
+        if masked:
+            kwargs["valid"] = _padded_valid(num_regions=8, tokens=6)
+        results = []
+        for enabled in (True, False):
+            with chunk_parallelism(enabled):
+                qi, kvi = q.clone().requires_grad_(), kv.clone().requires_grad_()
+                out, indices, _, values = regional_routing_attention(qi, kvi, **kwargs)
+                w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+                grads = torch.autograd.grad((out * w).sum() + (values * w.flip(0)).sum(), (qi, kvi))
+                with torch.no_grad():
+                    q_copy = q.clone()
+                    inference, *_ = regional_routing_attention(q_copy, kv, out=q_copy, **kwargs)
+                results.append((out.detach(), indices, *grads, inference))
+        for got, want in zip(*results, strict=True):
+            assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_an_error_in_a_backward_lane_is_raised_not_waited_on(monkeypatch):
+    """A lane that fails releases the lanes waiting for its chunk's gradient: the error reaches the caller."""
+    import h3de_lite.layers.routing as routing
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    calls = {"n": 0}
+    real = routing._gather_chunk
+
+    def failing(*args, **kwargs):
+        if torch.is_grad_enabled() is False and threading.current_thread() is not threading.main_thread():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("lane failed")
+        return real(*args, **kwargs)
+
+    try:
+        q, kv = _routing_inputs(num_regions=8, tokens=6, batch=2)
+        q.requires_grad_()
+        out, *_ = regional_routing_attention(q, kv, num_heads=2, topk=3, scale=0.5, routing_scale=0.35, query_chunk=8)
+        monkeypatch.setattr(routing, "_gather_chunk", failing)
+        errors: list[BaseException] = []
+
+        def backward() -> None:
+            try:
+                out.sum().backward()
+            except RuntimeError as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=backward, daemon=True)
+        thread.start()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the backward hung"
+        assert len(errors) == 1 and "lane failed" in str(errors[0])
+    finally:
+        torch.set_num_threads(previous)

@@ -34,6 +34,7 @@ Explained in notebooks/03_attention.ipynb.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -44,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+
+from h3de_lite.layers.workers import chunk_workers, parallel_lanes
 
 __all__ = [
     "AUTO_CHUNK_BYTES",
@@ -621,26 +624,46 @@ def _routed_flash_forward(
     Regions are the flash kernel's batch axis and heads its head axis, so that the kernel's output, laid out
     ``(n, T, M, c)``, is already a contiguous chunk of the region-layout output: one plain copy per chunk into ``out``.
     ``out`` may be ``q`` itself (inference): a chunk's queries are read by the kernel before its output lands there.
+
+    With more than one thread the chunks run on :func:`~h3de_lite.layers.workers.chunk_workers`' single-threaded
+    workers, in lanes (chunks ``i, i + W, ...`` in lane ``i``), each lane with its own gather buffer: the same
+    arithmetic per chunk, so the same result bit for bit.
     """
     num_queries, tokens, qk_channels = q.shape
-    topk = rows.shape[1]
     attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     kv_rows = kv.reshape(num_queries, -1)  # (N, T·M·(c + c_v)) one row per region
-    buffer = kv.new_empty((min(query_chunk, num_queries) * topk, kv_rows.shape[1]))  # reused by every chunk
     out = q.new_empty((num_queries, tokens, qk_channels)) if out is None else out  # (N, T, M·c)
     q_heads = _split_heads(q, num_heads)  # (N, M, T, c) view
     out_heads = out.view(num_queries, tokens, num_heads, -1)  # (N, T, M, c) view
-    lse = None
-    for start, stop in _chunks(num_queries, query_chunk):
-        k_sel, v_sel = _gather_chunk(kv_rows, rows[start:stop], buffer, qk_channels=qk_channels, num_heads=num_heads)
-        mask = None if key_mask is None else _additive_mask(key_mask[start:stop], q.dtype)
-        chunk_out, chunk_lse = attention(q_heads[start:stop], k_sel, v_sel, 0.0, False, attn_mask=mask, scale=scale)
-        out_heads[start:stop].copy_(chunk_out.transpose(1, 2))  # (n, T, M, c): a contiguous copy
-        if keep_lse:
-            if lse is None:  # in the kernel's accumulation dtype
-                lse = chunk_lse.new_empty((num_queries, num_heads, tokens))
-            lse[start:stop] = chunk_lse  # (n, M, T)
+    # In the kernel's accumulation dtype: float64 for float64, float32 otherwise.
+    lse = q.new_empty((num_queries, num_heads, tokens), dtype=_lse_dtype(q.dtype)) if keep_lse else None
+    chunks = _chunks(num_queries, query_chunk)
+    workers = chunk_workers(len(chunks))
+    lanes = 1 if workers is None else min(workers.num_workers, len(chunks))
+
+    def run(lane: int) -> None:  # the chunks lane, lane + lanes, ...: one gather buffer, reused by each
+        buffer = kv.new_empty((min(query_chunk, num_queries) * rows.shape[1], kv_rows.shape[1]))
+        for start, stop in chunks[lane::lanes]:
+            k_sel, v_sel = _gather_chunk(
+                kv_rows, rows[start:stop], buffer, qk_channels=qk_channels, num_heads=num_heads
+            )
+            mask = None if key_mask is None else _additive_mask(key_mask[start:stop], q.dtype)
+            chunk_out, chunk_lse = attention(q_heads[start:stop], k_sel, v_sel, 0.0, False, attn_mask=mask, scale=scale)
+            out_heads[start:stop].copy_(chunk_out.transpose(1, 2))  # (n, T, M, c): a contiguous copy
+            if lse is not None:
+                assert chunk_lse.dtype == lse.dtype, (chunk_lse.dtype, lse.dtype)
+                lse[start:stop] = chunk_lse  # (n, M, T)
+
+    if workers is None:
+        run(0)
+    else:  # lanes on worker threads: chunks are independent and write disjoint rows of out and lse
+        workers.map(run, range(lanes))
     return out, lse
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the CPU flash kernel's log-sum-exp for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _RoutedFlashAttentionCPU(torch.autograd.Function):
@@ -687,8 +710,6 @@ class _RoutedFlashAttentionCPU(torch.autograd.Function):
         kv_rows = kv.reshape(num_queries, -1)
         # A quarter of the forward's chunk: a chunk's gather, its kernel gradients and their copy live at once here.
         chunk = max(1, query_chunk // 4)
-        buffer = kv.new_empty((min(chunk, num_queries) * topk, kv_rows.shape[1]))  # the gather, reused by each chunk
-        grad_buffer = torch.empty_like(buffer).view(-1, tokens, 2 * qk_channels)  # the gathered regions' gradients
         grad_q = torch.empty_like(q)
         grad_kv = torch.empty_like(kv)  # (N, T, M·(c + c_v)): zero keys, LePE's value gradient (if any) or zeros
         grad_kv[..., :qk_channels].zero_()
@@ -699,31 +720,59 @@ class _RoutedFlashAttentionCPU(torch.autograd.Function):
         grad_rows = grad_kv.view(num_queries, -1)  # (N, T·M·(c + c_v))
         q_heads, out_heads, grad_heads = (_split_heads(t, num_heads) for t in (q, out, grad_out))  # (N, M, T, c)
         grad_q_heads = grad_q.view(num_queries, tokens, num_heads, -1)  # (N, T, M, c)
-        for start, stop in _chunks(num_queries, chunk):
-            n = stop - start
-            k_sel, v_sel = _gather_chunk(
-                kv_rows, rows[start:stop], buffer, qk_channels=qk_channels, num_heads=num_heads
-            )
-            mask = None if key_mask is None else _additive_mask(key_mask[start:stop], q.dtype)
-            dq, dk, dv = attention_backward(
-                grad_heads[start:stop],
-                q_heads[start:stop],
-                k_sel,
-                v_sel,
-                out_heads[start:stop],
-                lse[start:stop],
-                0.0,
-                False,
-                attn_mask=mask,
-                scale=scale,
-            )  # (n, M, T, c), (n, M, k·T, c) twice
-            grad_q_heads[start:stop].copy_(dq.transpose(1, 2))
-            grad_sel = grad_buffer[: n * topk]  # (n·k, T, M·(c + c_v)): each gathered region's gradient, kv row layout
-            grad_sel[..., :qk_channels].view(n, topk * tokens, num_heads, -1).copy_(dk.transpose(1, 2))
-            grad_sel[..., qk_channels:].view(n, topk * tokens, num_heads, -1).copy_(dv.transpose(1, 2))
-            del dq, dk, dv
-            # Add each gathered region's gradient back to its row, in order (a region routed twice gets both).
-            grad_rows.index_add_(0, rows[start:stop].reshape(-1), grad_sel.view(n * topk, -1))
+        chunks = _chunks(num_queries, chunk)
+        workers = chunk_workers(len(chunks))
+        lanes = 1 if workers is None else min(workers.num_workers, len(chunks))
+        # On worker lanes the kernels run side by side, but each chunk adds into grad_kv only after the chunk before
+        # it has: the same additions in the same order as one lane, so the same gradient bit for bit.
+        added = [threading.Event() for _ in chunks] if lanes > 1 else None
+
+        def run(lane: int) -> None:  # the chunks lane, lane + lanes, ...; buffers of its own, reused by each
+            buffer = kv.new_empty((min(chunk, num_queries) * topk, kv_rows.shape[1]))  # the gather
+            grad_buffer = torch.empty_like(buffer).view(-1, tokens, 2 * qk_channels)  # the gathered regions' gradients
+            for i in range(lane, len(chunks), lanes):
+                start, stop = chunks[i]
+                n = stop - start
+                k_sel, v_sel = _gather_chunk(
+                    kv_rows, rows[start:stop], buffer, qk_channels=qk_channels, num_heads=num_heads
+                )
+                mask = None if key_mask is None else _additive_mask(key_mask[start:stop], q.dtype)
+                dq, dk, dv = attention_backward(
+                    grad_heads[start:stop],
+                    q_heads[start:stop],
+                    k_sel,
+                    v_sel,
+                    out_heads[start:stop],
+                    lse[start:stop],
+                    0.0,
+                    False,
+                    attn_mask=mask,
+                    scale=scale,
+                )  # (n, M, T, c), (n, M, k·T, c) twice
+                grad_q_heads[start:stop].copy_(dq.transpose(1, 2))
+                grad_sel = grad_buffer[: n * topk]  # (n·k, T, M·(c + c_v)): each gathered region's gradient, row layout
+                grad_sel[..., :qk_channels].view(n, topk * tokens, num_heads, -1).copy_(dk.transpose(1, 2))
+                grad_sel[..., qk_channels:].view(n, topk * tokens, num_heads, -1).copy_(dv.transpose(1, 2))
+                del dq, dk, dv
+                if added is not None and i > 0:
+                    added[i - 1].wait()
+                # Add each gathered region's gradient back to its row, in order (a region routed twice gets both).
+                grad_rows.index_add_(0, rows[start:stop].reshape(-1), grad_sel.view(n * topk, -1))
+                if added is not None:
+                    added[i].set()
+
+        def run_lane(lane: int) -> None:
+            try:
+                run(lane)
+            except BaseException:
+                for event in added:  # let the other lanes finish rather than wait forever; the error is re-raised
+                    event.set()
+                raise
+
+        if workers is None:
+            run(0)
+        else:
+            workers.map(run_lane, range(lanes))
         return grad_q, grad_kv, None, None, None, None, None, None
 
 
@@ -1092,6 +1141,7 @@ def regional_routing_attention(
         elif chunk is None:
             v_bytes = num_queries * tokens * v_channels * kv.element_size()  # the values, and the output
             in_place = cpu_flash and out is not None  # the CPU flash forward writes into out: no output buffer
+            lanes = parallel_lanes() if cpu_flash else 1  # worker threads, each with a chunk's gather at a time
             chunk = auto_query_chunk(
                 num_query_regions=num_queries,
                 tokens_per_region=tokens,
@@ -1100,7 +1150,7 @@ def regional_routing_attention(
                 num_heads=num_heads,
                 element_size=kv.element_size(),
                 fused=fused,
-                budget=min(AUTO_CHUNK_BYTES, v_bytes // 2 + (v_bytes if in_place else 0)),
+                budget=min(AUTO_CHUNK_BYTES, v_bytes // 2 + (v_bytes if in_place else 0)) // lanes,
             )
         offsets = torch.arange(batch, device=indices.device)[:, None, None] * num_regions  # (B, 1, 1)
         rows = (indices + offsets).reshape(num_queries, topk)  # (B·R, k) rows of the flattened kv
