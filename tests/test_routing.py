@@ -535,47 +535,62 @@ def test_routing_runs_on_meta_tensors():
     assert out.shape == (1, 4, 8, 8) and indices.shape == (1, 4, 2)
 
 
+@pytest.fixture
+def lanes_always(monkeypatch):
+    """2 threads, and worker lanes for chunks of any size (the tests' chunks are far below ``LANE_MIN_MACS``);
+    yields the list of pools each lane decision returned."""
+    import h3de_lite.layers.routing as routing
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(routing, "LANE_MIN_MACS", 0)
+    decisions: list = []
+    real = routing._lane_workers
+
+    def spy(*args, **kwargs):
+        decisions.append(real(*args, **kwargs))
+        return decisions[-1]
+
+    monkeypatch.setattr(routing, "_lane_workers", spy)
+    yield decisions
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("chunk", [1, 2, 5])
-def test_worker_lanes_give_the_same_values_and_gradients_bit_for_bit(masked, chunk):
+def test_worker_lanes_give_the_same_values_and_gradients_bit_for_bit(masked, chunk, lanes_always):
     """With 2 threads the CPU chunks run on 2 single-threaded workers; the same arithmetic as one lane, bit for bit.
 
     The backward's lanes add their key/value gradients in chunk order, so even the sums of a region routed from
     several chunks are the same.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        from h3de_lite.layers.workers import chunk_parallelism, chunk_workers
+    from h3de_lite.layers.workers import chunk_parallelism
 
-        assert chunk_workers(2) is not None
-        q, kv = _routing_inputs(num_regions=8, tokens=6, batch=2)
-        kwargs = dict(num_heads=2, topk=3, scale=0.5, routing_scale=0.35, query_chunk=chunk, return_values=True)
-        if masked:
-            kwargs["valid"] = _padded_valid(num_regions=8, tokens=6)
-        results = []
-        for enabled in (True, False):
-            with chunk_parallelism(enabled):
-                qi, kvi = q.clone().requires_grad_(), kv.clone().requires_grad_()
-                out, indices, _, values = regional_routing_attention(qi, kvi, **kwargs)
-                w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
-                grads = torch.autograd.grad((out * w).sum() + (values * w.flip(0)).sum(), (qi, kvi))
-                with torch.no_grad():
-                    q_copy = q.clone()
-                    inference, *_ = regional_routing_attention(q_copy, kv, out=q_copy, **kwargs)
-                results.append((out.detach(), indices, *grads, inference))
-        for got, want in zip(*results, strict=True):
-            assert torch.equal(got, want)
-    finally:
-        torch.set_num_threads(previous)
+    q, kv = _routing_inputs(num_regions=8, tokens=6, batch=2)
+    kwargs = dict(num_heads=2, topk=3, scale=0.5, routing_scale=0.35, query_chunk=chunk, return_values=True)
+    if masked:
+        kwargs["valid"] = _padded_valid(num_regions=8, tokens=6)
+    results = []
+    for enabled in (True, False):
+        with chunk_parallelism(enabled):
+            qi, kvi = q.clone().requires_grad_(), kv.clone().requires_grad_()
+            out, indices, _, values = regional_routing_attention(qi, kvi, **kwargs)
+            w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+            grads = torch.autograd.grad((out * w).sum() + (values * w.flip(0)).sum(), (qi, kvi))
+            with torch.no_grad():
+                q_copy = q.clone()
+                inference, *_ = regional_routing_attention(q_copy, kv, out=q_copy, **kwargs)
+            results.append((out.detach(), indices, *grads, inference))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+    # forward, backward and inference with the lanes on, then the same three with them off
+    assert [pool is not None for pool in lanes_always] == [True] * 3 + [False] * 3
 
 
-def test_an_error_in_a_backward_lane_is_raised_not_waited_on(monkeypatch):
+def test_an_error_in_a_backward_lane_is_raised_not_waited_on(monkeypatch, lanes_always):
     """A lane that fails releases the lanes waiting for its chunk's gradient: the error reaches the caller."""
     import h3de_lite.layers.routing as routing
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
     calls = {"n": 0}
     real = routing._gather_chunk
 
@@ -586,23 +601,21 @@ def test_an_error_in_a_backward_lane_is_raised_not_waited_on(monkeypatch):
                 raise RuntimeError("lane failed")
         return real(*args, **kwargs)
 
-    try:
-        q, kv = _routing_inputs(num_regions=8, tokens=6, batch=2)
-        q.requires_grad_()
-        out, *_ = regional_routing_attention(q, kv, num_heads=2, topk=3, scale=0.5, routing_scale=0.35, query_chunk=8)
-        monkeypatch.setattr(routing, "_gather_chunk", failing)
-        errors: list[BaseException] = []
+    q, kv = _routing_inputs(num_regions=8, tokens=6, batch=2)
+    q.requires_grad_()
+    out, *_ = regional_routing_attention(q, kv, num_heads=2, topk=3, scale=0.5, routing_scale=0.35, query_chunk=8)
+    monkeypatch.setattr(routing, "_gather_chunk", failing)
+    errors: list[BaseException] = []
 
-        def backward() -> None:
-            try:
-                out.sum().backward()
-            except RuntimeError as error:
-                errors.append(error)
+    def backward() -> None:
+        try:
+            out.sum().backward()
+        except RuntimeError as error:
+            errors.append(error)
 
-        thread = threading.Thread(target=backward, daemon=True)
-        thread.start()
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the backward hung"
-        assert len(errors) == 1 and "lane failed" in str(errors[0])
-    finally:
-        torch.set_num_threads(previous)
+    thread = threading.Thread(target=backward, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the backward hung"
+    assert len(errors) == 1 and "lane failed" in str(errors[0])
+    assert lanes_always[-1] is not None  # the backward ran on lanes

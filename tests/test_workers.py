@@ -68,12 +68,15 @@ def test_chunk_workers_only_when_there_is_something_to_share(two_threads):
     assert chunk_workers(4) is None and parallel_lanes() == 1
 
 
-def test_an_idle_worker_holds_none_of_the_callers_tensors(two_threads):
+def test_an_idle_worker_holds_none_of_the_callers_tensors(two_threads, monkeypatch):
     """After a call the workers drop their task: the chunks' closure (the whole kv) is freed with the caller's refs."""
     import gc
     import weakref
 
+    from h3de_lite.layers import routing
     from h3de_lite.layers.routing import regional_routing_attention
+
+    monkeypatch.setattr(routing, "LANE_MIN_MACS", 0)  # lanes for these small chunks too
 
     q = torch.randn(1, 8, 6, 8)
     kv = torch.randn(1, 8, 6, 16)
@@ -137,10 +140,15 @@ def test_the_pool_stops_before_a_fork_and_comes_back_after(two_threads):
     assert fresh is not pool and fresh.map(lambda i: -i, [5]) == [-5]
 
 
-def test_workers_follow_the_callers_inference_mode_and_autocast_and_stay_off_under_a_flop_counter(two_threads):
+def test_workers_follow_the_callers_inference_mode_and_autocast_and_stay_off_under_a_flop_counter(
+    two_threads, monkeypatch
+):
     from torch.utils.flop_counter import FlopCounterMode
 
+    from h3de_lite.layers import routing
     from h3de_lite.layers.routing import regional_routing_attention
+
+    monkeypatch.setattr(routing, "LANE_MIN_MACS", 0)  # lanes for these small chunks too
 
     pool = chunk_workers(4)
 

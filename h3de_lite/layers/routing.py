@@ -46,11 +46,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from h3de_lite.layers.workers import chunk_workers, parallel_lanes
+from h3de_lite.layers.workers import ChunkWorkers, chunk_workers, parallel_lanes
 
 __all__ = [
     "AUTO_CHUNK_BYTES",
     "BACKENDS",
+    "LANE_MIN_MACS",
     "CUDA_FLEX_BLOCK",
     "RegionLayout",
     "Routing",
@@ -82,6 +83,12 @@ __all__ = [
 
 #: Budget (bytes) for the tensors gathered per chunk of query regions when ``query_chunk`` is automatic.
 AUTO_CHUNK_BYTES: int = 4 * 2**20
+
+#: Least attention work per chunk (multiply-adds of QKᵀ and AV) for V-BRA's CPU chunks to run on worker threads
+#: (:mod:`h3de_lite.layers.workers`). On the 2-core machine the worker threads made 16×16×8 tokens (chunks of about
+#: 3·10⁶ multiply-adds) slower and 32×32×16 tokens (3·10⁷ and more) faster: ``benchmarks/attention.py``, ``serial``
+#: against ``gather``.
+LANE_MIN_MACS: int = 2**24
 
 
 class RegionLayout(NamedTuple):
@@ -638,7 +645,7 @@ def _routed_flash_forward(
     # In the kernel's accumulation dtype: float64 for float64, float32 otherwise.
     lse = q.new_empty((num_queries, num_heads, tokens), dtype=_lse_dtype(q.dtype)) if keep_lse else None
     chunks = _chunks(num_queries, query_chunk)
-    workers = chunk_workers(len(chunks))
+    workers = _lane_workers(chunks, tokens=tokens, keys=rows.shape[1] * tokens, channels=qk_channels)
     lanes = 1 if workers is None else min(workers.num_workers, len(chunks))
 
     def run(lane: int) -> None:  # the chunks lane, lane + lanes, ...: one gather buffer, reused by each
@@ -659,6 +666,18 @@ def _routed_flash_forward(
     else:  # lanes on worker threads: chunks are independent and write disjoint rows of out and lse
         workers.map(run, range(lanes))
     return out, lse
+
+
+def _lane_workers(chunks: list[tuple[int, int]], *, tokens: int, keys: int, channels: int) -> ChunkWorkers | None:
+    """The worker pool for these chunks of query regions, or None: run them here.
+
+    Only when a chunk holds at least :data:`LANE_MIN_MACS` multiply-adds of attention (QKᵀ and AV: ``2·n·T·keys·M·c``
+    for ``n`` query regions of ``T`` tokens): below that, handing chunks to threads costs more than it saves.
+    """
+    regions = max(stop - start for start, stop in chunks)
+    if 2 * regions * tokens * keys * channels < LANE_MIN_MACS:
+        return None
+    return chunk_workers(len(chunks))
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -721,7 +740,7 @@ class _RoutedFlashAttentionCPU(torch.autograd.Function):
         q_heads, out_heads, grad_heads = (_split_heads(t, num_heads) for t in (q, out, grad_out))  # (N, M, T, c)
         grad_q_heads = grad_q.view(num_queries, tokens, num_heads, -1)  # (N, T, M, c)
         chunks = _chunks(num_queries, chunk)
-        workers = chunk_workers(len(chunks))
+        workers = _lane_workers(chunks, tokens=tokens, keys=topk * tokens, channels=qk_channels)
         lanes = 1 if workers is None else min(workers.num_workers, len(chunks))
         # On worker lanes the kernels run side by side, but each chunk adds into grad_kv only after the chunk before
         # it has: the same additions in the same order as one lane, so the same gradient bit for bit.
