@@ -51,8 +51,8 @@ from h3de_lite.layers.workers import ChunkWorkers, chunk_workers, parallel_lanes
 __all__ = [
     "AUTO_CHUNK_BYTES",
     "BACKENDS",
-    "LANE_MIN_MACS",
     "CUDA_FLEX_BLOCK",
+    "LANE_MIN_MACS",
     "RegionLayout",
     "Routing",
     "attention_scale",
@@ -1160,17 +1160,21 @@ def regional_routing_attention(
         elif chunk is None:
             v_bytes = num_queries * tokens * v_channels * kv.element_size()  # the values, and the output
             in_place = cpu_flash and out is not None  # the CPU flash forward writes into out: no output buffer
+            budget = min(AUTO_CHUNK_BYTES, v_bytes // 2 + (v_bytes if in_place else 0))
             lanes = parallel_lanes() if cpu_flash else 1  # worker threads, each with a chunk's gather at a time
-            chunk = auto_query_chunk(
-                num_query_regions=num_queries,
-                tokens_per_region=tokens,
-                topk=topk,
-                kv_channels=kv.shape[-1],
-                num_heads=num_heads,
-                element_size=kv.element_size(),
-                fused=fused,
-                budget=min(AUTO_CHUNK_BYTES, v_bytes // 2 + (v_bytes if in_place else 0)) // lanes,
-            )
+            for share in (lanes, 1) if lanes > 1 else (1,):
+                chunk = auto_query_chunk(
+                    num_query_regions=num_queries,
+                    tokens_per_region=tokens,
+                    topk=topk,
+                    kv_channels=kv.shape[-1],
+                    num_heads=num_heads,
+                    element_size=kv.element_size(),
+                    fused=fused,
+                    budget=budget // share,
+                )
+                if 2 * chunk * tokens * topk * tokens * qk_channels >= LANE_MIN_MACS:
+                    break  # enough work per chunk for the lanes (:func:`_lane_workers`); else one lane, whole budget
         offsets = torch.arange(batch, device=indices.device)[:, None, None] * num_regions  # (B, 1, 1)
         rows = (indices + offsets).reshape(num_queries, topk)  # (B·R, k) rows of the flattened kv
         key_mask = None if valid is None else gather_key_mask(valid, indices).reshape(num_queries, topk * tokens)

@@ -64,7 +64,8 @@ class _CallerState(NamedTuple):
 
 
 class ChunkWorkers:
-    """A fixed set of daemon threads, each running its tasks single-threaded under ``torch.no_grad()``.
+    """A fixed set of daemon threads, each running its tasks on one thread with autograd off, in the caller's inference
+    mode and CPU autocast state.
 
     Args:
         num_workers: how many threads (at least 2; one worker would only add a hand-over).
@@ -91,15 +92,23 @@ class ChunkWorkers:
         ]
         for thread in self._threads:
             thread.start()
-        started.wait()  # every worker has made itself single-threaded (which also set the process default to 1)
-        torch.set_num_threads(caller_threads)  # restore the default new threads start from (and this thread's own)
+        try:
+            started.wait()  # every worker has made itself single-threaded (which also set the process default to 1)
+        except threading.BrokenBarrierError:
+            raise RuntimeError("a ChunkWorkers thread failed to start (see the error printed above)") from None
+        finally:
+            torch.set_num_threads(caller_threads)  # restore the default new threads start from (and this thread's)
 
     def _run(self, started: threading.Barrier) -> None:
-        torch.set_num_threads(1)  # this thread's OpenMP and MKL teams: one thread
-        # PyTorch sets a thread's count from the process default at the thread's first query: make it now, while
-        # the default is 1, or it would take the default the pool restores below.
-        assert torch.get_num_threads() == 1
-        _LOCAL.worker = True
+        try:
+            torch.set_num_threads(1)  # this thread's OpenMP and MKL teams: one thread
+            # PyTorch sets a thread's count from the process default at the thread's first query: make it now, while
+            # the default is 1, or it would take the default the constructor restores.
+            assert torch.get_num_threads() == 1
+            _LOCAL.worker = True
+        except BaseException:
+            started.abort()  # the constructor raises instead of waiting for this thread
+            raise
         started.wait()
         while True:
             task = self._tasks.get()
@@ -215,4 +224,5 @@ def _close_before_fork() -> None:
         pool.close()
 
 
-os.register_at_fork(before=_close_before_fork)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(before=_close_before_fork)
