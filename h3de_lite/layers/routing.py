@@ -675,9 +675,15 @@ def _lane_workers(chunks: list[tuple[int, int]], *, tokens: int, keys: int, chan
     for ``n`` query regions of ``T`` tokens): below that, handing chunks to threads costs more than it saves.
     """
     regions = max(stop - start for start, stop in chunks)
-    if 2 * regions * tokens * keys * channels < LANE_MIN_MACS:
+    if _attention_macs(regions, tokens=tokens, keys=keys, channels=channels) < LANE_MIN_MACS:
         return None
     return chunk_workers(len(chunks))
+
+
+def _attention_macs(regions: int, *, tokens: int, keys: int, channels: int) -> int:
+    """Multiply-adds of QKᵀ and AV for ``regions`` query regions of ``tokens`` queries, ``keys`` keys, ``M·c``
+    channels."""
+    return 2 * regions * tokens * keys * channels
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1173,7 +1179,7 @@ def regional_routing_attention(
                     fused=fused,
                     budget=budget // share,
                 )
-                if 2 * chunk * tokens * topk * tokens * qk_channels >= LANE_MIN_MACS:
+                if _attention_macs(chunk, tokens=tokens, keys=topk * tokens, channels=qk_channels) >= LANE_MIN_MACS:
                     break  # enough work per chunk for the lanes (:func:`_lane_workers`); else one lane, whole budget
         offsets = torch.arange(batch, device=indices.device)[:, None, None] * num_regions  # (B, 1, 1)
         rows = (indices + offsets).reshape(num_queries, topk)  # (B·R, k) rows of the flattened kv
