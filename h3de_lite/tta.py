@@ -8,7 +8,7 @@ the two raw outputs:
 
 - for a ``softmax_ce`` model the raw outputs are logits, so the decoded heatmap ``exp(mean logits)`` is the geometric
   mean of the two views' probabilities: a peak survives only where both views put one. On phantom v2 this removed
-  the far-off outliers of the shipped ``heatmap`` model (book/benchmark_training.md);
+  the far-off outliers of the first packaged ``heatmap`` model (book/benchmark_training.md);
 - for an MSE model (the paper's eq. 13) the heatmaps themselves are averaged;
 - for the anchor head (eq. 7–8) the existence logits and the offsets are averaged anchor by anchor: on a window whose
   size is a multiple of the stride ``u`` the mirror of the anchor in cell ``j`` (centre ``j·u + (u - 1)/2``) is the

@@ -16,7 +16,11 @@ Run from the repository root (a long CPU job: start it with ``nohup`` and a log)
 
     python book/scripts/make_pretrained.py --work /tmp/pretrained --train-args "--epochs 120 --val-every 5"
 
-``--export`` writes into ``h3de_lite/weights/`` (omit it to try a recipe without touching the package).
+``--export`` writes into ``h3de_lite/weights/`` (omit it to try a recipe without touching the package); ``--ship``
+chooses which of the two H3DE-Net runs it packages, leaving the other's packaged model as it is. Runs that already
+have their test results are not trained again, so the five trainings can run in two invocations side by side (each
+with ``--models`` and ``OMP_NUM_THREADS=1``), followed by one with ``--export``; ``--note`` records that in the
+cards.
 """
 
 from __future__ import annotations
@@ -50,6 +54,18 @@ def _run(command: list[str], log: list[dict]) -> float:
     return seconds
 
 
+def _without_note(argv: list[str] | None) -> list[str]:
+    """The command line as given, less ``--note`` and its text (the card holds the note on its own)."""
+    args, kept = list(sys.argv[1:] if argv is None else argv), []
+    while args:
+        arg = args.pop(0)
+        if arg == "--note":
+            args = args[1:]
+        elif not arg.startswith("--note="):
+            kept.append(arg)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for data, runs and logs")
@@ -57,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-seed", type=int, default=2027, help="seed of the test set (never trained on)")
     parser.add_argument("--n-test", type=int, default=20, help="test cases")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to train")
-    parser.add_argument("--export", action="store_true", help="package heatmap and anchor into h3de_lite/weights/")
+    parser.add_argument("--export", action="store_true", help="package the --ship models into h3de_lite/weights/")
+    parser.add_argument("--ship", nargs="+", default=list(SHIPPED), choices=list(SHIPPED),
+                        help="which H3DE-Net runs --export packages (default: both)")  # fmt: skip
+    parser.add_argument("--note", default="",
+                        help="how the runs were made, where the command line alone does not say (into the cards)")
     parser.add_argument("--reevaluate", action="store_true",
                         help="evaluate finished runs again (e.g. after their config.json gained an inference default) "
                              "instead of skipping them; runs without made_with.json are still trained")  # fmt: skip
@@ -95,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         from h3de_lite.pretrained import export, machine_info
 
-        for name in SHIPPED:
+        for name in args.ship:
             if name not in results:
                 continue
             card = {
                 "name": name,
-                "made_with": "book/scripts/make_pretrained.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                "made_with": "book/scripts/make_pretrained.py " + shlex.join(_without_note(argv)),
                 "train_command": made[name]["command"],
                 "train_seconds": round(made[name]["seconds"], 1),
                 "data": {"phantom": "v2", "seed": 0, "n_train": 24, "n_val": 4},
@@ -109,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 "results": results,
                 "commands": log,
             }
+            if args.note:
+                card["note"] = args.note
             folder = export(work / "runs" / name, name, card=card)
             print(f"exported {name} to {folder}", flush=True)
     return 0
