@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in args.ship:
             if name not in results:
+                print(f"not exported: {name} (no test results; add it to --models)", flush=True)
                 continue
             card = {
                 "name": name,
