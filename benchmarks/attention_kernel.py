@@ -11,8 +11,8 @@ Methods, timed in one subprocess per thread count, interleaved round by round, m
 
 * ``dense``  — one kernel call over all tokens;
 * ``serial`` — the 8 routed calls one after the other, each on all threads;
-* ``lanes``  — the same 8 calls spread over single-threaded worker threads
-  (:class:`h3de_lite.layers.workers.ChunkWorkers`, as V-BRA runs them with 2 threads or more).
+* ``lanes``  — the same 8 calls spread over single-threaded worker threads, each taking the next call when free
+  (:class:`h3de_lite.layers.workers.ChunkWorkers` and ``ChunkClaims``, as V-BRA runs them with 2 threads or more).
 
 Usage::
 
@@ -42,7 +42,7 @@ HEADS, HEAD_DIM, TOKENS, REGIONS, TOPK, CHUNK = 4, 16, 256, 64, 4, 8
 def _worker(threads: int, rounds: int) -> dict:
     import torch
 
-    from h3de_lite.layers.workers import ChunkWorkers
+    from h3de_lite.layers.workers import ChunkClaims, ChunkWorkers
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -63,16 +63,21 @@ def _worker(threads: int, rounds: int) -> dict:
     scale = HEAD_DIM**-0.5
     pool = ChunkWorkers(num_workers=threads) if threads > 1 else None
 
-    def lane(index: int) -> None:
-        for q, k, v in calls[index :: pool.num_workers]:
-            kernel(q, k, v, 0.0, False, scale=scale)
+    def lanes() -> None:  # each lane claims the next call when free, as V-BRA's lanes claim chunks
+        claims = ChunkClaims(count=len(calls))
+
+        def lane(_: int) -> None:
+            for index in iter(claims, None):
+                kernel(*calls[index], 0.0, False, scale=scale)
+
+        pool.map(lane, range(pool.num_workers))
 
     methods = {
         "dense": lambda: kernel(dense_q, dense_k, dense_v, 0.0, False, scale=scale),
         "serial": lambda: [kernel(q, k, v, 0.0, False, scale=scale) for q, k, v in calls],
     }
     if pool is not None:
-        methods["lanes"] = lambda: pool.map(lane, range(pool.num_workers))
+        methods["lanes"] = lanes
     times: dict[str, list[float]] = {name: [] for name in methods}
     for call in methods.values():
         call()  # warm-up

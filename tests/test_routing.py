@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -619,3 +620,32 @@ def test_an_error_in_a_backward_lane_is_raised_not_waited_on(monkeypatch, lanes_
     assert not thread.is_alive(), "the backward hung"
     assert len(errors) == 1 and "lane failed" in str(errors[0])
     assert lanes_always[-1] is not None  # the backward ran on lanes
+
+
+def test_a_stalled_lane_leaves_the_remaining_chunks_to_the_other_lane(monkeypatch, lanes_always):
+    """Lanes claim chunks as they become free: while one lane is stuck in its first chunk the other takes all the
+    rest (a fixed split would leave every second chunk waiting for the stalled lane), with the same output."""
+    import h3de_lite.layers.routing as routing
+
+    real = routing._gather_chunk
+    lock = threading.Lock()
+    calls: list[int] = []  # the thread of each chunk's gather, in the order they start
+
+    def stalling(*args, **kwargs):
+        with lock:
+            calls.append(threading.get_ident())
+            first = len(calls) == 1
+        if first:
+            time.sleep(1.0)  # far longer than the other lane needs for all other chunks
+        return real(*args, **kwargs)
+
+    q, kv = _routing_inputs(num_regions=8, tokens=6, batch=2)
+    kwargs = dict(num_heads=2, topk=3, scale=0.5, routing_scale=0.35, query_chunk=2)  # 8 chunks of 2 regions
+    with torch.no_grad():
+        want, *_ = regional_routing_attention(q, kv, **kwargs)
+        monkeypatch.setattr(routing, "_gather_chunk", stalling)
+        got, *_ = regional_routing_attention(q, kv, **kwargs)
+    assert lanes_always[-1] is not None  # it ran on lanes
+    assert len(calls) == 8
+    assert calls.count(calls[0]) == 1  # the stalled lane did only its first chunk
+    assert torch.equal(got, want)

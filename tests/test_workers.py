@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from h3de_lite.layers import workers
-from h3de_lite.layers.workers import ChunkWorkers, chunk_parallelism, chunk_workers, parallel_lanes
+from h3de_lite.layers.workers import ChunkClaims, ChunkWorkers, chunk_parallelism, chunk_workers, parallel_lanes
 
 
 @pytest.fixture
@@ -167,3 +167,20 @@ def test_workers_follow_the_callers_inference_mode_and_autocast_and_stay_off_und
     assert torch.equal(out, expected)
     with FlopCounterMode(display=False):  # it counts only its own thread's ops: the chunks stay there
         assert parallel_lanes() == 1 and chunk_workers(4) is None
+
+
+def test_chunk_claims_hand_out_every_index_once_in_increasing_order_across_threads():
+    claims = ChunkClaims(count=2000)
+    taken: dict[int, list[int]] = {}
+
+    def claim(lane: int) -> None:
+        taken[lane] = list(iter(claims, None))
+
+    threads = [threading.Thread(target=claim, args=(lane,)) for lane in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(i for got in taken.values() for i in got) == list(range(2000))
+    assert all(got == sorted(got) for got in taken.values())
+    assert claims() is None

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from h3de_lite.layers.workers import ChunkWorkers, chunk_workers, parallel_lanes
+from h3de_lite.layers.workers import ChunkClaims, ChunkWorkers, chunk_workers, parallel_lanes
 
 __all__ = [
     "AUTO_CHUNK_BYTES",
@@ -633,8 +633,8 @@ def _routed_flash_forward(
     ``out`` may be ``q`` itself (inference): a chunk's queries are read by the kernel before its output lands there.
 
     With more than one thread the chunks run on :func:`~h3de_lite.layers.workers.chunk_workers`' single-threaded
-    workers, in lanes (chunks ``i, i + W, ...`` in lane ``i``), each lane with its own gather buffer: the same
-    arithmetic per chunk, so the same result bit for bit.
+    workers, in lanes that each claim the next chunk when free (:class:`~h3de_lite.layers.workers.ChunkClaims`),
+    each lane with its own gather buffer: the same arithmetic per chunk, so the same result bit for bit.
     """
     num_queries, tokens, qk_channels = q.shape
     attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -648,9 +648,11 @@ def _routed_flash_forward(
     workers = _lane_workers(chunks, tokens=tokens, keys=rows.shape[1] * tokens, channels=qk_channels)
     lanes = 1 if workers is None else min(workers.num_workers, len(chunks))
 
-    def run(lane: int) -> None:  # the chunks lane, lane + lanes, ...: one gather buffer, reused by each
+    claims = ChunkClaims(count=len(chunks))
+
+    def run(lane: int) -> None:  # the chunks this lane claims: one gather buffer, reused by each
         buffer = kv.new_empty((min(query_chunk, num_queries) * rows.shape[1], kv_rows.shape[1]))
-        for start, stop in chunks[lane::lanes]:
+        for start, stop in (chunks[i] for i in iter(claims, None)):
             k_sel, v_sel = _gather_chunk(
                 kv_rows, rows[start:stop], buffer, qk_channels=qk_channels, num_heads=num_heads
             )
@@ -752,10 +754,12 @@ class _RoutedFlashAttentionCPU(torch.autograd.Function):
         # it has: the same additions in the same order as one lane, so the same gradient bit for bit.
         added = [threading.Event() for _ in chunks] if lanes > 1 else None
 
-        def run(lane: int) -> None:  # the chunks lane, lane + lanes, ...; buffers of its own, reused by each
+        claims = ChunkClaims(count=len(chunks))
+
+        def run(lane: int) -> None:  # the chunks this lane claims, in increasing order; buffers of its own, reused
             buffer = kv.new_empty((min(chunk, num_queries) * topk, kv_rows.shape[1]))  # the gather
             grad_buffer = torch.empty_like(buffer).view(-1, tokens, 2 * qk_channels)  # the gathered regions' gradients
-            for i in range(lane, len(chunks), lanes):
+            for i in iter(claims, None):
                 start, stop = chunks[i]
                 n = stop - start
                 k_sel, v_sel = _gather_chunk(

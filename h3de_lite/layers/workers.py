@@ -33,7 +33,14 @@ from typing import NamedTuple, TypeVar
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["ChunkWorkers", "chunk_parallelism", "chunk_workers", "parallel_chunks_enabled", "parallel_lanes"]
+__all__ = [
+    "ChunkClaims",
+    "ChunkWorkers",
+    "chunk_parallelism",
+    "chunk_workers",
+    "parallel_chunks_enabled",
+    "parallel_lanes",
+]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -151,6 +158,38 @@ class ChunkWorkers:
                 self._tasks.put(None)
             for thread in self._threads:
                 thread.join()
+
+
+class ChunkClaims:
+    """Indices ``0, 1, …, count − 1`` handed out one at a time, each to whichever worker lane asks first; then None.
+
+    Dynamic scheduling of V-BRA's chunks: a lane whose core runs slower for a while (shared with other work, a
+    descheduled thread) takes fewer chunks instead of leaving the other lanes idle at the end, as a fixed split
+    (chunks ``i, i + W, …`` in lane ``i``) did; book/benchmark_attention.md gives the measurement. Indices go out in
+    increasing order, which the backward's in-order additions rely on. Thread-safe.
+
+    Args:
+        count: how many indices to hand out.
+
+    Example:
+        >>> claims = ChunkClaims(count=3)
+        >>> list(iter(claims, None))
+        [0, 1, 2]
+    """
+
+    def __init__(self, *, count: int) -> None:
+        self._count = count
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int | None:
+        """The next unclaimed index, or None when all are taken."""
+        with self._lock:
+            index = self._next
+            if index >= self._count:
+                return None
+            self._next = index + 1
+            return index
 
 
 def parallel_chunks_enabled() -> bool:
