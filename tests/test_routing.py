@@ -640,12 +640,24 @@ def test_a_stalled_lane_leaves_the_remaining_chunks_to_the_other_lane(monkeypatc
         return real(*args, **kwargs)
 
     q, kv = _routing_inputs(num_regions=8, tokens=6, batch=2)
-    kwargs = dict(num_heads=2, topk=3, scale=0.5, routing_scale=0.35, query_chunk=2)  # 8 chunks of 2 regions
+    kwargs = dict(num_heads=2, topk=3, scale=0.5, routing_scale=0.35, query_chunk=2)  # 16 regions: 10 chunks
     with torch.no_grad():
         want, *_ = regional_routing_attention(q, kv, **kwargs)
         monkeypatch.setattr(routing, "_gather_chunk", stalling)
         got, *_ = regional_routing_attention(q, kv, **kwargs)
     assert lanes_always[-1] is not None  # it ran on lanes
-    assert len(calls) == 8
+    assert len(calls) == 10
     assert calls.count(calls[0]) == 1  # the stalled lane did only its first chunk
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("total, size, lanes", [(64, 4, 2), (16, 2, 2), (7, 3, 4), (1, 8, 2), (100, 1, 2)])
+def test_tapered_chunks_cover_every_region_once_and_shrink_to_the_end(total, size, lanes):
+    from h3de_lite.layers.routing import _tapered_chunks
+
+    chunks = _tapered_chunks(total, size, lanes=lanes)
+    assert [start for start, _ in chunks] == [0] + [stop for _, stop in chunks[:-1]]  # contiguous, in order
+    assert chunks[-1][1] == total
+    sizes = [stop - start for start, stop in chunks]
+    assert max(sizes) <= size and sizes == sorted(sizes, reverse=True)
+    assert sizes[-1] == 1  # the last chunk to start is one region

@@ -634,7 +634,8 @@ def _routed_flash_forward(
 
     With more than one thread the chunks run on :func:`~h3de_lite.layers.workers.chunk_workers`' single-threaded
     workers, in lanes that each claim the next chunk when free (:class:`~h3de_lite.layers.workers.ChunkClaims`),
-    each lane with its own gather buffer: the same arithmetic per chunk, so the same result bit for bit.
+    each lane with its own gather buffer, the chunks shrinking towards the end (:func:`_tapered_chunks`): the same
+    arithmetic per query region, so the same result bit for bit.
     """
     num_queries, tokens, qk_channels = q.shape
     attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -647,6 +648,8 @@ def _routed_flash_forward(
     chunks = _chunks(num_queries, query_chunk)
     workers = _lane_workers(chunks, tokens=tokens, keys=rows.shape[1] * tokens, channels=qk_channels)
     lanes = 1 if workers is None else min(workers.num_workers, len(chunks))
+    if lanes > 1:
+        chunks = _tapered_chunks(num_queries, query_chunk, lanes=lanes)
 
     claims = ChunkClaims(count=len(chunks))
 
@@ -668,6 +671,25 @@ def _routed_flash_forward(
     else:  # lanes on worker threads: chunks are independent and write disjoint rows of out and lse
         workers.map(run, range(lanes))
     return out, lse
+
+
+def _tapered_chunks(total: int, size: int, *, lanes: int) -> list[tuple[int, int]]:
+    """Chunks of at most ``size`` covering ``range(total)`` that shrink towards the end (guided scheduling).
+
+    Each chunk takes at most ``ceil(remaining / (2·lanes))`` items, so the last chunks are small and the lanes that
+    claim them (:class:`~h3de_lite.layers.workers.ChunkClaims`) finish close together: with equal chunks the last one
+    to start keeps one lane busy for a whole chunk while the others have nothing left.
+
+    Example:
+        >>> [stop - start for start, stop in _tapered_chunks(64, 4, lanes=2)]
+        [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 3, 3, 2, 1, 1, 1, 1]
+    """
+    chunks, start = [], 0
+    while start < total:
+        stop = start + max(1, min(size, math.ceil((total - start) / (2 * lanes))))
+        chunks.append((start, stop))
+        start = stop
+    return chunks
 
 
 def _lane_workers(chunks: list[tuple[int, int]], *, tokens: int, keys: int, channels: int) -> ChunkWorkers | None:
