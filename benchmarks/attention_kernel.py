@@ -11,8 +11,10 @@ Methods, timed in one subprocess per thread count, interleaved round by round, m
 
 * ``dense``  — one kernel call over all tokens;
 * ``serial`` — the 8 routed calls one after the other, each on all threads;
-* ``lanes``  — the same 8 calls spread over single-threaded worker threads, each taking the next call when free
-  (:class:`h3de_lite.layers.workers.ChunkWorkers` and ``ChunkClaims``, as V-BRA runs them with 2 threads or more).
+* ``fixed``  — the same 8 calls on single-threaded worker threads (:class:`h3de_lite.layers.workers.ChunkWorkers`),
+  split in a fixed pattern: lane ``i`` makes calls ``i, i + W, …`` (how V-BRA's lanes first shared their chunks);
+* ``lanes``  — the same, each lane taking the next call when free (``ChunkClaims``, as V-BRA runs its chunks with 2
+  threads or more). Same calls, so the two differ only when one lane runs slower than the other.
 
 Usage::
 
@@ -63,6 +65,13 @@ def _worker(threads: int, rounds: int) -> dict:
     scale = HEAD_DIM**-0.5
     pool = ChunkWorkers(num_workers=threads) if threads > 1 else None
 
+    def fixed() -> None:  # lane i makes calls i, i + W, ...
+        def lane(first: int) -> None:
+            for q, k, v in calls[first :: pool.num_workers]:
+                kernel(q, k, v, 0.0, False, scale=scale)
+
+        pool.map(lane, range(pool.num_workers))
+
     def lanes() -> None:  # each lane claims the next call when free, as V-BRA's lanes claim chunks
         claims = ChunkClaims(count=len(calls))
 
@@ -77,6 +86,7 @@ def _worker(threads: int, rounds: int) -> dict:
         "serial": lambda: [kernel(q, k, v, 0.0, False, scale=scale) for q, k, v in calls],
     }
     if pool is not None:
+        methods["fixed"] = fixed
         methods["lanes"] = lanes
     times: dict[str, list[float]] = {name: [] for name in methods}
     for call in methods.values():
@@ -125,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             f"1-minute load average at start: {os.getloadavg()[0]:.1f}"
         )
         print()
-        print("| threads | dense ms | serial ms | lanes ms | dense / serial | dense / lanes |")
-        print("|---|---|---|---|---|---|")
+        print("| threads | dense ms | serial ms | fixed ms | lanes ms | dense / serial | dense / fixed | dense / lanes |")
+        print("|---|---|---|---|---|---|---|---|")
         results = {}
         for threads in thread_counts:
             proc = subprocess.run(
@@ -137,17 +147,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             if proc.returncode != 0:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-                print(f"| {threads} | error: {tail[0][:100]} | | | | |")
+                print(f"| {threads} | error: {tail[0][:100]} | | | | | | |")
                 continue
             row = results[threads] = json.loads(proc.stdout.strip().splitlines()[-1])
-            lanes = row.get("lanes")
-            cells = [
-                f"{row['dense']:.1f}",
-                f"{row['serial']:.1f}",
-                "—" if lanes is None else f"{lanes:.1f}",
-                f"{row['dense'] / row['serial']:.1f}×",
-                "—" if lanes is None else f"{row['dense'] / lanes:.1f}×",
-            ]
+            on_lanes = [row.get(name) for name in ("fixed", "lanes")]
+            cells = [f"{row['dense']:.1f}", f"{row['serial']:.1f}"]
+            cells += ["—" if ms is None else f"{ms:.1f}" for ms in on_lanes]
+            cells += [f"{row['dense'] / row['serial']:.1f}×"]
+            cells += ["—" if ms is None else f"{row['dense'] / ms:.1f}×" for ms in on_lanes]
             print(f"| {threads} | " + " | ".join(cells) + " |")
         print()
         if 1 in results:
@@ -160,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{one['serial'] / row['serial']:.2f}× faster one after the other"
                 )
                 if "lanes" in row:
-                    line += f", {one['serial'] / row['lanes']:.2f}× faster on worker lanes"
+                    line += (
+                        f", {one['serial'] / row['lanes']:.2f}× faster on worker lanes; lanes that claim calls "
+                        f"{row['fixed'] / row['lanes']:.2f}× faster than the fixed split"
+                    )
                 print(line)
     return 0
 

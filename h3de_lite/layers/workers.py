@@ -165,8 +165,9 @@ class ChunkClaims:
 
     Dynamic scheduling of V-BRA's chunks: a lane whose core runs slower for a while (shared with other work, a
     descheduled thread) takes fewer chunks instead of leaving the other lanes idle at the end, as a fixed split
-    (chunks ``i, i + W, …`` in lane ``i``) did; book/benchmark_attention.md gives the measurement. Indices go out in
-    increasing order, which the backward's in-order additions rely on. Thread-safe.
+    (chunks ``i, i + W, …`` in lane ``i``) did; ``benchmarks/attention_kernel.py`` times both on V-BRA's kernel calls
+    (book/benchmark_attention.md). Indices go out in increasing order, which the backward's in-order additions rely
+    on. Thread-safe.
 
     Args:
         count: how many indices to hand out.
