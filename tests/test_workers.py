@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -184,3 +185,46 @@ def test_chunk_claims_hand_out_every_index_once_in_increasing_order_across_threa
     assert sorted(i for got in taken.values() for i in got) == list(range(2000))
     assert all(got == sorted(got) for got in taken.values())
     assert claims() is None
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(
+    not workers._openmp_pause_functions(), reason="needs Linux and GNU OpenMP (libgomp), as PyTorch's wheels have"
+)
+def test_map_lets_the_callers_idle_openmp_thread_go_before_the_workers_start(two_threads):
+    pool = ChunkWorkers(num_workers=2)
+    try:
+        values = torch.ones(1_000_000)
+        for release, expected_change in ((False, 0), (True, -1)):
+            values.add_(1)  # a parallel op on 2 threads: the calling thread's OpenMP team gets its second thread
+            before = _os_threads()
+            with workers.openmp_release(release):
+                assert pool.map(abs, [-1, 2]) == [1, 2]
+            assert _os_threads() - before == expected_change  # released: that idle OpenMP thread has ended
+        values.add_(1)  # the next parallel op starts a new one, and computes as before
+        assert torch.equal(values, torch.full((1_000_000,), 4.0)) and torch.get_num_threads() == 2
+    finally:
+        pool.close()
+
+
+def test_vbra_lanes_give_the_same_output_with_and_without_the_openmp_release(two_threads, monkeypatch):
+    import h3de_lite.layers.routing as routing
+    from h3de_lite.layers.attention import BiLevelRoutingAttention3d
+
+    monkeypatch.setattr(routing, "LANE_MIN_MACS", 0)  # lanes for this small layer's chunks
+    releases: list[bool] = []
+    release = workers.release_openmp_threads
+    monkeypatch.setattr(workers, "release_openmp_threads", lambda: releases.append(release()) or releases[-1])
+    torch.manual_seed(0)
+    layer = BiLevelRoutingAttention3d(dim=32, num_heads=2, regions_per_side=2, topk=2, query_chunk=1)
+    x = torch.randn(1, 16, 16, 8, 32)
+    with torch.no_grad():
+        released = layer.forward_channels_last(x)
+        assert len(releases) == 1  # the lanes ran, after the release
+        with workers.openmp_release(False):
+            spinning = layer.forward_channels_last(x)
+        assert len(releases) == 1
+    assert torch.equal(released, spinning)

@@ -17,13 +17,24 @@ the caller's inference mode and CPU autocast state (thread-local in PyTorch). Un
 :func:`chunk_parallelism` turns the whole mechanism off (``with chunk_parallelism(False): ...``) for comparisons and
 benchmarks; the results are the same bit for bit (tested), since each chunk's arithmetic does not depend on threads.
 
+Before it hands work to the workers, :meth:`ChunkWorkers.map` lets the calling thread's idle OpenMP threads go
+(:func:`release_openmp_threads`). GNU OpenMP (libgomp, which PyTorch's Linux wheels use) keeps a thread that has
+finished its share of a parallel operation spinning on its core for a while before it sleeps. V-BRA's lanes start
+right after the projections and the routing, parallel operations of the calling thread, so that thread's idle
+OpenMP thread spun on a core a lane needed: at 32×32×16 tokens on two threads it burned about 14 ms of CPU per
+forward pass that the lanes lost. Released, it is gone; the next parallel operation of the calling thread starts a
+new one. ``benchmarks/openmp_release.py`` measures both ways; :func:`openmp_release` turns the release off.
+
 Explained in book/benchmark_attention.md.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -38,14 +49,18 @@ __all__ = [
     "ChunkWorkers",
     "chunk_parallelism",
     "chunk_workers",
+    "openmp_release",
     "parallel_chunks_enabled",
     "parallel_lanes",
+    "release_openmp_threads",
 ]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 _ENABLED = True
+_RELEASE_OPENMP = True
+_OMP_PAUSE_SOFT = 1  # omp_pause_soft, of OpenMP 5.0's omp_pause_resource_t
 _POOL: ChunkWorkers | None = None
 _POOL_LOCK = threading.Lock()
 _LOCAL = threading.local()  # .worker: True in a pool's threads
@@ -141,6 +156,8 @@ class ChunkWorkers:
         may wait for each other (V-BRA's backward lanes do) without two callers' items deadlocking the pool.
         """
         state = _CallerState.capture()
+        if _RELEASE_OPENMP:
+            release_openmp_threads()  # or the caller's idle OpenMP threads spin on the cores the workers need
         with self._busy:
             futures: list[Future] = []
             for item in items:
@@ -213,6 +230,70 @@ def chunk_parallelism(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _ENABLED = previous
+
+
+@contextmanager
+def openmp_release(enabled: bool) -> Iterator[None]:
+    """Whether :meth:`ChunkWorkers.map` releases the caller's idle OpenMP threads, inside a ``with`` block
+    (process-wide; on by default). Off, they spin until OpenMP puts them to sleep, as before: for comparisons
+    (``benchmarks/openmp_release.py``). Same results either way.
+
+    Example:
+        >>> with openmp_release(False):
+        ...     ChunkWorkers(num_workers=2).map(abs, [-1, 2])
+        [1, 2]
+    """
+    global _RELEASE_OPENMP
+    previous, _RELEASE_OPENMP = _RELEASE_OPENMP, bool(enabled)
+    try:
+        yield
+    finally:
+        _RELEASE_OPENMP = previous
+
+
+def release_openmp_threads() -> bool:
+    """Let the calling thread's idle OpenMP threads go now, instead of letting them spin on their cores.
+
+    Calls OpenMP 5.0's ``omp_pause_resource_all(omp_pause_soft)`` in every GNU OpenMP runtime (libgomp) loaded in
+    the process, which ends the threads of the calling thread's team; its next parallel operation starts new ones.
+    Nothing else changes: thread counts, results. Does nothing inside a parallel region, and where no libgomp is
+    loaded (macOS, Windows, other OpenMP runtimes).
+
+    Returns:
+        Whether a runtime took the call (also when the team had no idle thread); False where none is loaded, or
+        inside a parallel region.
+
+    Example:
+        >>> isinstance(release_openmp_threads(), bool)
+        True
+    """
+    released = False
+    for pause in _openmp_pause_functions():
+        released = pause(_OMP_PAUSE_SOFT) == 0 or released
+    return released
+
+
+@functools.cache
+def _openmp_pause_functions() -> tuple[Callable[[int], int], ...]:
+    """``omp_pause_resource_all`` of each libgomp mapped in this process (Linux), found once: PyTorch loads its
+    OpenMP runtime when it is imported, before any caller gets here."""
+    if not sys.platform.startswith("linux"):
+        return ()
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "/libgomp" in line})
+    except OSError:
+        return ()
+    functions = []
+    for path in paths:
+        try:
+            library = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)  # the copy already loaded, or OSError
+            function = library.omp_pause_resource_all  # libgomp of GCC 9 or later
+        except (OSError, AttributeError):
+            continue
+        function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+        functions.append(function)
+    return tuple(functions)
 
 
 def parallel_lanes() -> int:
