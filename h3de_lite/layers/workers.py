@@ -21,9 +21,9 @@ Before it hands work to the workers, :meth:`ChunkWorkers.map` lets the calling t
 (:func:`release_openmp_threads`). GNU OpenMP (libgomp, which PyTorch's Linux wheels use) keeps a thread that has
 finished its share of a parallel operation spinning on its core for a while before it sleeps. V-BRA's lanes start
 right after the projections and the routing, parallel operations of the calling thread, so that thread's idle
-OpenMP thread spun on a core a lane needed: at 32×32×16 tokens on two threads it burned about 14 ms of CPU per
-forward pass that the lanes lost. Released, it is gone; the next parallel operation of the calling thread starts a
-new one. ``benchmarks/openmp_release.py`` measures both ways; :func:`openmp_release` turns the release off.
+OpenMP thread spun on a core a lane needed. Released, it is gone; the next parallel operation of the calling thread
+starts a new one. ``benchmarks/openmp_release.py`` measures both ways (book/benchmark_attention.md);
+:func:`openmp_release` turns the release off.
 
 Explained in book/benchmark_attention.md.
 """
