@@ -32,11 +32,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 from _report import add_save_option, saved_report  # benchmarks/_report.py
+from _worker import run_worker, thread_counts  # benchmarks/_worker.py
 
 HEADS, HEAD_DIM, TOKENS, REGIONS, TOPK, CHUNK = 4, 16, 256, 64, 4, 8
 
@@ -105,7 +105,9 @@ def _worker(threads: int, rounds: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, one row each")
+    parser.add_argument(
+        "--threads", type=thread_counts, default=[1, 2], help="comma-separated torch thread counts, one row each"
+    )
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median of all samples reported)")
     add_save_option(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -114,12 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         threads, rounds = json.loads(args.worker)
         print(json.dumps(_worker(threads, rounds)))
         return 0
-    try:
-        thread_counts = [int(t) for t in args.threads.split(",")]
-    except ValueError:
-        parser.error(f"--threads takes comma-separated positive ints, got {args.threads!r}")
-    if min(thread_counts) < 1:
-        parser.error(f"--threads takes comma-separated positive ints, got {args.threads!r}")
     import torch
 
     with saved_report(args.save):
@@ -138,18 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         print("| threads | dense ms | serial ms | fixed ms | lanes ms | dense / serial | dense / fixed | dense / lanes |")
         print("|---|---|---|---|---|---|---|---|")
         results = {}
-        for threads in thread_counts:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--worker", json.dumps([threads, args.rounds])],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if proc.returncode != 0:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-                print(f"| {threads} | error: {tail[0][:100]} | | | | | | |")
+        for threads in args.threads:
+            row = run_worker(__file__, [threads, args.rounds])
+            if "error" in row:
+                print(f"| {threads} | error: {row['error'][:100]} | | | | | | |")
                 continue
-            row = results[threads] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[threads] = row
             on_lanes = [row.get(name) for name in ("fixed", "lanes")]
             cells = [f"{row['dense']:.1f}", f"{row['serial']:.1f}"]
             cells += ["—" if ms is None else f"{ms:.1f}" for ms in on_lanes]

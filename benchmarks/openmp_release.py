@@ -35,12 +35,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
 
 from _report import add_save_option, saved_report  # benchmarks/_report.py
+from _worker import run_worker, thread_counts  # benchmarks/_worker.py
 
 GRID, DIM, HEADS, REGIONS, TOPK = (32, 32, 16), 64, 4, 4, 4
 CALLS = {"fwd": 4, "fb": 1}  # calls per method and round
@@ -119,7 +119,9 @@ def _ms(value: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", default="2", help="comma-separated torch thread counts, one table row each")
+    parser.add_argument(
+        "--threads", type=thread_counts, default=[2], help="comma-separated torch thread counts, rows of each"
+    )
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median of all calls reported)")
     add_save_option(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -128,12 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         threads, rounds = json.loads(args.worker)
         print(json.dumps(_worker(threads, rounds)))
         return 0
-    try:
-        thread_counts = [int(t) for t in args.threads.split(",")]
-    except ValueError:
-        parser.error(f"--threads takes comma-separated positive ints, got {args.threads!r}")
-    if min(thread_counts) < 1 or args.rounds < 1:
-        parser.error(f"--threads takes positive ints and --rounds a positive int, got {args.threads!r}, {args.rounds}")
+    if args.rounds < 1:
+        parser.error(f"--rounds takes a positive int, got {args.rounds}")
     import torch
 
     with saved_report(args.save):
@@ -153,18 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("|---|---|---|---|---|---|---|---|---|---|")
         summary = []
-        for threads in thread_counts:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--worker", json.dumps([threads, args.rounds])],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if proc.returncode != 0:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-                print(f"| {threads} | error: {tail[0][:100]} |" + " |" * 8)
+        for threads in args.threads:
+            rows = run_worker(__file__, [threads, args.rounds])
+            if "error" in rows:
+                print(f"| {threads} | error: {rows['error'][:100]} |" + " |" * 8)
                 continue
-            rows = json.loads(proc.stdout.strip().splitlines()[-1])
             for step, label in (("fwd", "fwd"), ("fb", "fwd+bwd")):
                 spin, release = rows[f"{step}/spin"], rows[f"{step}/release"]
                 ratio = spin["wall_ms"] / release["wall_ms"]

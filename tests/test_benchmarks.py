@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import subprocess
@@ -87,3 +88,23 @@ def test_book_results_are_reports_the_scripts_saved():
         assert f"--save book/{target}`" in first, (target, first)
     for page in (ROOT / "book").glob("*.md"):
         assert "Pasted from" not in page.read_text(encoding="utf-8"), page.name
+
+
+def test_run_worker_returns_the_workers_last_json_line_or_its_error(tmp_path, bench):
+    worker = bench("_worker")
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import json, sys\n"
+        "payload = json.loads(sys.argv[2])\n"
+        "if payload < 0:\n"
+        "    raise SystemExit('negative payload')\n"
+        "print('progress')\n"
+        "print(json.dumps({'twice': 2 * payload}))\n",
+        encoding="utf-8",
+    )
+    assert worker.run_worker(str(script), 21) == {"twice": 42}
+    assert worker.run_worker(str(script), -1) == {"error": "negative payload"}
+    assert worker.thread_counts("1,2") == [1, 2]
+    for bad in ("", "0", "1,x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            worker.thread_counts(bad)
