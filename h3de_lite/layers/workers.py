@@ -239,9 +239,11 @@ def openmp_release(enabled: bool) -> Iterator[None]:
     (``benchmarks/openmp_release.py``). Same results either way.
 
     Example:
+        >>> pool = ChunkWorkers(num_workers=2)
         >>> with openmp_release(False):
-        ...     ChunkWorkers(num_workers=2).map(abs, [-1, 2])
+        ...     pool.map(abs, [-1, 2])
         [1, 2]
+        >>> pool.close()
     """
     global _RELEASE_OPENMP
     previous, _RELEASE_OPENMP = _RELEASE_OPENMP, bool(enabled)
