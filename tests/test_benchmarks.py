@@ -64,6 +64,28 @@ def test_attention_report_from_log_checks_the_tables_against_the_measured_lines(
         attention.report_from_log(log.replace("| 2.0 |", "| 1.9 |"))
 
 
+def test_attention_speedup_interval_resamples_each_round_as_a_pair(bench):
+    """Rounds whose speed swings threefold but whose ratio is 13 in each give exactly 13: the two calls of a round are
+    resampled together (resampling them independently would spread the ratio over roughly 5–35×)."""
+    attention = bench("attention")
+    speed = [1.0, 3.0, 1.5, 2.5, 2.0, 1.2, 2.8]  # the machine's slowness, round by round
+    dense = [[13.0 * s] for s in speed]
+    vbra = [[s, s, s] for s in speed]
+    low, high = attention.speedup_interval(dense, vbra)
+    assert low == pytest.approx(13.0) and high == pytest.approx(13.0)
+
+
+def test_attention_speedup_interval_covers_the_run_and_pairs_rounds_by_index(bench):
+    attention = bench("attention")
+    ratios = [11.0, 12.0, 13.0, 14.0, 15.0]
+    dense = [[r] for r in ratios] + [[100.0]] * 3  # three more rounds than the other call: left out, not paired
+    vbra = [[1.0]] * 5
+    low, high = attention.speedup_interval(dense, vbra, draws=4000)
+    assert 11.0 <= low < 13.0 < high <= 15.0  # the median round's 13× inside, never beyond the extreme rounds
+    assert attention.speedup_interval(dense, vbra, draws=4000) == (low, high)  # seeded: the same run, the same text
+    assert attention.speedup_interval(dense[:2], vbra[:2]) is None  # under 3 rounds in common: no interval
+
+
 def _included_results() -> list[tuple[Path, str]]:
     """``(page, target)`` for every ``{include} results/<name>.md`` of a book page."""
     import re
