@@ -86,6 +86,20 @@ def test_attention_speedup_interval_covers_the_run_and_pairs_rounds_by_index(ben
     assert attention.speedup_interval(dense[:2], vbra[:2]) is None  # under 3 rounds in common: no interval
 
 
+def test_attention_acceptance_line_gives_the_medians_interval_and_fastest_calls(bench):
+    attention = bench("attention")
+    grid = attention.ACCEPT_GRID
+    dense = {"fwd_ms": 39.0, "fwd_mb": 2.0, "fwd_rounds": [[26.0], [52.0], [39.0]]}
+    gather = {"fwd_ms": 3.0, "fwd_mb": 1.0, "fwd_rounds": [[2.5, 2.0], [4.0, 4.0], [3.0, 3.5]]}
+    rows = {(grid, "dense"): dense, (grid, "gather"): gather, (grid, "serial"): {}, (grid, "flex"): {}}
+    acceptance = attention._checks(rows, [grid], "1 thread", 16.0)[-1]
+    assert acceptance.startswith("acceptance 1 thread, 32×32×16 ")
+    assert "PASS" in acceptance and "medians 13.0×" in acceptance and "fastest calls 13.0×" in acceptance  # 26 / 2
+    assert "95 % interval over rounds" in acceptance
+    rows[(grid, "gather")] = {**gather, "fwd_ms": 3.5}  # 11.1× by the medians: below the target
+    assert "FAIL" in attention._checks(rows, [grid], "1 thread", 16.0)[-1]
+
+
 def _included_results() -> list[tuple[Path, str]]:
     """``(page, target)`` for every ``{include} results/<name>.md`` of a book page."""
     import re
