@@ -473,7 +473,7 @@ def _checks(rows: dict[tuple, dict], grids: list, threads_label: str, ideal: flo
             ok = speedup >= ACCEPT_SPEEDUP and gather["fwd_mb"] <= dense["fwd_mb"]
             checks.append(
                 f"acceptance {threads_label}, {label} (forward ≥ {ACCEPT_SPEEDUP:.0f}× faster than dense, peak memory "
-                f"no higher): {'PASS' if ok else 'FAIL'} ({_spread_text(dense, gather)}medians {speedup:.1f}×)"
+                f"no higher): {'PASS' if ok else 'FAIL'} ({_spread_text(dense, gather)}medians {speedup:.2f}×)"
             )
         if tuple(grid) == (64, 64, 32) and "fwd_mb" in gather:
             worst = max(gather.get("fwd_mb", 0.0), gather.get("fb_mb", 0.0))
