@@ -4,8 +4,8 @@ For each thread count, token grid and method it measures the median time of a fo
 of a forward + backward pass, and the peak memory of each, then prints one table per thread count with ratios taken in
 the same run, and the acceptance checks. The forward speed-ups over dense attention in the notes (ratios of the
 medians) come with a 95 % bootstrap interval over the timed rounds (:func:`speedup_interval`: how much this run's ratio
-depends on which rounds the shared machine happened to give it) and with the ratio of the fastest calls (the least
-interference in either). The default 20 rounds: on the 2-core machine of the book, runs of 5 rounds at 32×32×16
+depends on which rounds the shared machine happened to give it) and with the ratio of the fastest calls (the
+speed-up without interference, where both layers had an undisturbed call). The default 20 rounds: on the 2-core machine of the book, runs of 5 rounds at 32×32×16
 tokens put the same code at 11.7× to 13.7× (book/benchmark_attention.md).
 
 Methods (same dim, heads and parameters, batch 1):
@@ -423,8 +423,10 @@ def _spread_text(reference: dict, method: dict) -> str:
     """``"95 % interval over rounds a–b×; fastest calls c×; "`` for the forward speed-up of ``method`` over
     ``reference`` (``""`` without per-round samples).
 
-    The ratio of the fastest calls is the speed-up with the least of the shared machine's interference in either
-    call. It is not the acceptance statistic (the medians are), and it slightly favours the method with more samples.
+    The ratio of the fastest calls is the speed-up without the shared machine's interference where both calls had an
+    undisturbed run. On a busy machine a one-second call rarely has one while a short call often does, and the ratio
+    then favours the faster method, as it slightly does anyway through its larger number of samples. It is not the
+    acceptance statistic (the medians are).
     """
     reference_rounds, method_rounds = reference.get("fwd_rounds", []), method.get("fwd_rounds", [])
     if not reference_rounds or not method_rounds:
