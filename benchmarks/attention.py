@@ -3,10 +3,11 @@
 For each thread count, token grid and method it measures the median time of a forward pass (``torch.no_grad``) and
 of a forward + backward pass, and the peak memory of each, then prints one table per thread count with ratios taken in
 the same run, and the acceptance checks. The forward speed-ups over dense attention in the notes (ratios of the
-medians) come with a 95 % bootstrap interval over the timed rounds (:func:`speedup_interval`: how much this run's ratio
-depends on which rounds the shared machine happened to give it) and with the ratio of the fastest calls (the
-speed-up without interference, where both layers had an undisturbed call). The default 20 rounds: on the 2-core machine of the book, runs of 5 rounds at 32×32×16
-tokens put the same code at 11.7× to 13.7× (book/benchmark_attention.md).
+medians) come with a 95 % bootstrap interval over the timed rounds (:func:`speedup_interval`: how much this run's
+ratio depends on which rounds the shared machine happened to give it) and with the ratio of the fastest calls (the
+speed-up without interference, where both layers had an undisturbed call). The default 20 rounds: on the 2-core
+machine of the book, runs of 5 rounds at 32×32×16 tokens put the same code at 11.7× to 13.7×
+(book/benchmark_attention.md).
 
 Methods (same dim, heads and parameters, batch 1):
 
@@ -441,11 +442,12 @@ def _checks(rows: dict[tuple, dict], grids: list, threads_label: str, ideal: flo
     for grid in grids:
         dense, gather, flex = (rows[(grid, m)] for m in ("dense", "gather", "flex"))
         label = "×".join(map(str, grid))
+        spread = _spread_text(dense, gather)  # interval and fastest calls, for the speed-up and acceptance lines
         if "fwd_ms" in dense and "fwd_ms" in gather:
             speedup = dense["fwd_ms"] / gather["fwd_ms"]
             line = (
                 f"{threads_label}, {label}: V-BRA (gather) forward {speedup:.1f}× faster than dense "
-                f"({_spread_text(dense, gather)}ideal by attention FLOPs R/k = {ideal:.0f}×, fraction "
+                f"({spread}ideal by attention FLOPs R/k = {ideal:.0f}×, fraction "
                 f"{speedup / ideal:.2f}), peak memory "
                 f"{gather['fwd_mb']:.1f} MB vs dense {dense['fwd_mb']:.1f} MB"
             )
@@ -475,7 +477,7 @@ def _checks(rows: dict[tuple, dict], grids: list, threads_label: str, ideal: flo
             ok = speedup >= ACCEPT_SPEEDUP and gather["fwd_mb"] <= dense["fwd_mb"]
             checks.append(
                 f"acceptance {threads_label}, {label} (forward ≥ {ACCEPT_SPEEDUP:.0f}× faster than dense, peak memory "
-                f"no higher): {'PASS' if ok else 'FAIL'} ({_spread_text(dense, gather)}medians {speedup:.2f}×)"
+                f"no higher): {'PASS' if ok else 'FAIL'} ({spread}medians {speedup:.2f}×)"
             )
         if tuple(grid) == (64, 64, 32) and "fwd_mb" in gather:
             worst = max(gather.get("fwd_mb", 0.0), gather.get("fb_mb", 0.0))
