@@ -623,6 +623,25 @@ def _benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 _MEASURED = re.compile(r"^  measured (\w+)\s+(\d+)×(\d+)×(\d+) threads=(\w+): (\{.*\})$")
 
 
+def measured_results(text: str) -> tuple[dict[str, dict[tuple, dict]], list[str]]:
+    """Split what a run printed (stdout and stderr together) into its measured results and its report lines.
+
+    Returns:
+        ``({threads as printed: {(grid, method): results}}, the other lines)``: the ``  measured ...`` progress lines
+        (stderr) hold each method's raw results (``fwd_ms``, ``fwd_rounds``, ...), in the order they ran.
+    """
+    measured: dict[str, dict[tuple, dict]] = {}
+    report: list[str] = []
+    for line in text.splitlines():
+        match = _MEASURED.match(line)
+        if match:
+            grid = tuple(int(g) for g in match.group(2, 3, 4))
+            measured.setdefault(match[5], {})[(grid, match[1])] = ast.literal_eval(match[6])
+        else:
+            report.append(line)
+    return measured, report
+
+
 def report_from_log(text: str) -> str:
     """The report part of what a run of this script printed to stdout and stderr together, checked.
 
@@ -634,15 +653,7 @@ def report_from_log(text: str) -> str:
     Raises:
         ValueError: if the text holds no table, or a printed table differs from the one its measured lines give.
     """
-    measured: dict[str, dict[tuple, dict]] = {}  # thread count as printed -> {(grid, method): results}
-    report: list[str] = []
-    for line in text.splitlines():
-        match = _MEASURED.match(line)
-        if match:
-            grid = tuple(int(g) for g in match.group(2, 3, 4))
-            measured.setdefault(match[5], {})[(grid, match[1])] = ast.literal_eval(match[6])
-        else:
-            report.append(line)
+    measured, report = measured_results(text)
     starts = [i for i, line in enumerate(report) if line.startswith("| grid (tokens) |")]
     if not starts or len(starts) != len(measured):
         raise ValueError(

@@ -101,6 +101,37 @@ def test_attention_acceptance_line_gives_the_medians_interval_and_fastest_calls(
     assert "FAIL (" in acceptance and "medians 11.97×" in acceptance
 
 
+def _attention_log(dense: list, gather: list, threads: int = 1) -> str:
+    """What a run of benchmarks/attention.py prints at 32×32×16 (measured lines only), with these forward rounds."""
+    rows = {
+        "dense": {"fwd_ms": 0.0, "fwd_n": 0, "fwd_rounds": dense},
+        "gather": {"fwd_ms": 0.0, "fwd_n": 0, "fwd_rounds": gather},
+    }
+    return "\n".join(f"  measured {m:6s} 32×32×16 threads={threads}: {v}" for m, v in rows.items()) + "\n"
+
+
+def test_attention_runs_gives_medians_fastest_calls_and_the_fastest_over_all_runs(tmp_path, bench):
+    runs = bench("attention_runs")
+    quiet = _attention_log([[10.0], [12.0], [11.0]], [[1.0], [1.2], [1.0]])  # medians 11 / 1.0, fastest 10 / 1.0
+    busy = _attention_log([[9.0], [20.0], [30.0]], [[1.5], [2.0], [1.5]])  # medians 20 / 1.5, fastest 9 / 1.5
+    lines = runs.report({"quiet": quiet, "busy": busy}, (32, 32, 16))
+    assert lines[2].startswith("| quiet | 1 | 11.0 | 10.0 | 1.0 | 1.0 | 11.00× | ")
+    assert lines[2].endswith(" | 10.00× |")
+    assert lines[3].startswith("| busy | 1 | 20.0 | 9.0 | 1.5 | 1.5 | 13.33× | ")
+    assert lines[3].endswith(" | 6.00× |")
+    # Over both runs: dense's fastest call is busy's 9 ms, V-BRA's is quiet's 1.0 ms.
+    assert lines[-1] == (
+        "- threads=1: speed-up of the medians ≥ 12× in 1 of 2 runs; fastest calls over all runs: dense 9.0 ms (busy), "
+        "V-BRA 1.0 ms (quiet): 9.00×"
+    )
+    log = tmp_path / "run.txt"
+    log.write_text(quiet.replace(", 'fwd_rounds'", ", 'x'"), encoding="utf-8")  # a run before per-round samples
+    with pytest.raises(ValueError, match="per-round samples"):
+        runs.report({"old": log.read_text(encoding="utf-8")}, (32, 32, 16))
+    with pytest.raises(ValueError, match="no dense and gather forward times at 16x16x8"):
+        runs.report({"quiet": quiet}, (16, 16, 8))
+
+
 def _included_results() -> list[tuple[Path, str]]:
     """``(page, target)`` for every ``{include} results/<name>.md`` of a book page."""
     import re
