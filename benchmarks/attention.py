@@ -86,7 +86,8 @@ FAST_S = 0.25  # calls shorter than this are timed several times per round
 SLOW_BUDGET_S = 40.0  # a call stops being timed once its samples add up to this
 
 
-def _parse_grid(text: str) -> tuple[int, int, int]:
+def parse_grid(text: str) -> tuple[int, int, int]:
+    """``"32x32x16"`` → ``(32, 32, 16)``, an argparse type (also of ``attention_runs.py``'s ``--grid``)."""
     parts = tuple(int(p) for p in text.lower().split("x"))
     if len(parts) != 3 or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"a grid is D×H×W like 32x32x16, got {text!r}")
@@ -492,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--grids",
-        type=lambda s: [_parse_grid(g) for g in s.split(",")],
+        type=lambda s: [parse_grid(g) for g in s.split(",")],
         default=[(16, 16, 8), (32, 32, 16), (64, 64, 32)],
         help="token grids D×H×W, comma-separated",
     )

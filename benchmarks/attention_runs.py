@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from _report import add_save_option, saved_report  # benchmarks/_report.py
-from attention import ACCEPT_GRID, ACCEPT_SPEEDUP, measured_results, speedup_interval  # benchmarks/attention.py
+from attention import ACCEPT_GRID, ACCEPT_SPEEDUP, measured_results, parse_grid, speedup_interval  # attention.py
 
 
 def forward_samples(text: str, grid: tuple[int, int, int], *, source: str) -> dict[str, tuple[list, list]]:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("logs", nargs="+", type=Path, help="what runs of benchmarks/attention.py printed, in order")
     parser.add_argument(
         "--grid",
-        type=lambda s: tuple(int(p) for p in s.lower().split("x")),
+        type=parse_grid,
         default=ACCEPT_GRID,
         help="token grid D×H×W (default: the acceptance grid 32x32x16)",
     )
