@@ -6,9 +6,17 @@ module as ``from _rss import rss_kib, reset_peak``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-__all__ = ["reset_peak", "rss_kib"]
+__all__ = ["reset_peak", "rss_environment", "rss_kib"]
+
+
+def rss_environment() -> dict[str, str]:
+    """This process's environment, with glibc told to return every freed block above 64 KiB to the OS at once
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): a worker measuring with :func:`rss_kib` then sees its
+    resident set follow the live tensors. For memory workers only; timing workers keep the default allocator."""
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
 def rss_kib(field: str) -> int:

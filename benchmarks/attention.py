@@ -71,13 +71,13 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from _report import add_save_option, saved_report  # benchmarks/_report.py
-from _rss import reset_peak, rss_kib  # benchmarks/_rss.py
+from _rss import reset_peak, rss_environment, rss_kib  # benchmarks/_rss.py
+from _worker import run_worker  # benchmarks/_worker.py
 
 METHODS = ("dense", "naive", "serial", "gather", "flex")
 ACCEPT_GRID = (32, 32, 16)
@@ -243,17 +243,12 @@ def _worker(cfg: dict) -> dict:
 
 
 def _run_worker(cfg: dict) -> dict:
-    env = dict(os.environ)
-    if cfg["measure"] == "memory" and cfg["device"] == "cpu":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        env["MALLOC_TRIM_THRESHOLD_"] = "65536"
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env
-    )
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        return {method: {"error": tail[0][:120]} for method in cfg["plan"]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One measurement in a fresh process: ``{method: results}``, or each method's ``{"error": ...}``."""
+    env = rss_environment() if cfg["measure"] == "memory" and cfg["device"] == "cpu" else None
+    result = run_worker(__file__, cfg, env=env)
+    if "error" in result:  # a worker's own result is keyed by method names
+        return {method: {"error": result["error"][:120]} for method in cfg["plan"]}
+    return result
 
 
 def _naive_backward_bytes(grid: tuple[int, int, int], args: argparse.Namespace) -> int:

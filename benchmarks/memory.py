@@ -38,14 +38,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _report import add_save_option, saved_report  # benchmarks/_report.py
-from _rss import reset_peak, rss_kib  # benchmarks/_rss.py
+from _rss import reset_peak, rss_environment, rss_kib  # benchmarks/_rss.py
+from _worker import run_worker  # benchmarks/_worker.py
 
 ACCEPT_CUT = 0.30  # checkpointing must cut the step's peak memory by at least this fraction
 
@@ -135,20 +135,9 @@ def _memory_worker(cfg: dict) -> dict:
 
 
 def _run_worker(cfg: dict, measure: str) -> dict:
-    env = dict(os.environ)
-    if measure == "memory" and cfg["device"] == "cpu":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        env["MALLOC_TRIM_THRESHOLD_"] = "65536"
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps({**cfg, "measure": measure})],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        return {"error": tail[0][:160]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One measurement (``"memory"`` or ``"time"``) of ``cfg`` in a fresh process, or ``{"error": ...}``."""
+    env = rss_environment() if measure == "memory" and cfg["device"] == "cpu" else None
+    return run_worker(__file__, {**cfg, "measure": measure}, env=env)
 
 
 def _max_grad_difference(path_a: str, path_b: str) -> tuple[float, float]:

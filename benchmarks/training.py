@@ -77,7 +77,7 @@ from pathlib import Path
 from typing import Any
 
 from _report import add_save_option, saved_report  # benchmarks/_report.py
-from _rss import reset_peak, rss_kib  # benchmarks/_rss.py
+from _rss import reset_peak, rss_environment, rss_kib  # benchmarks/_rss.py
 
 #: crop groups: (preset / baseline size, default crop, default timed steps)
 GROUPS: dict[str, tuple[str, tuple[int, int, int], int]] = {
@@ -334,10 +334,8 @@ def _worker(cfg: dict) -> dict:
 
 
 def _run_worker(cfg: dict) -> dict:
-    env = dict(os.environ)
-    if (cfg["measure"] == "memory" or cfg.get("with_memory")) and cfg["device"] == "cpu":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        env["MALLOC_TRIM_THRESHOLD_"] = "65536"
+    memory = (cfg["measure"] == "memory" or cfg.get("with_memory")) and cfg["device"] == "cpu"
+    env = rss_environment() if memory else dict(os.environ)
     load = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run(
