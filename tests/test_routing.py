@@ -661,3 +661,22 @@ def test_tapered_chunks_cover_every_region_once_and_shrink_to_the_end(total, siz
     sizes = [stop - start for start, stop in chunks]
     assert max(sizes) <= size and sizes == sorted(sizes, reverse=True)
     assert sizes[-1] == 1  # the last chunk to start is one region
+
+
+@pytest.mark.parametrize("num_heads", [1, 2, 3, 4])
+def test_split_tail_heads_covers_each_region_and_head_once_splitting_only_the_one_region_tail(num_heads):
+    from h3de_lite.layers.routing import _split_tail_heads, _tapered_chunks
+
+    chunks = _tapered_chunks(64, 4, lanes=2)  # ... 3, 3, 2, 1, 1, 1, 1
+    pieces = _split_tail_heads(chunks, num_heads=num_heads)
+    covered = torch.zeros(64, num_heads, dtype=torch.int64)
+    for start, stop, heads in pieces:
+        covered[start:stop, heads] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+    whole = [(start, stop) for start, stop, heads in pieces if heads == slice(None)]
+    assert whole == (chunks if num_heads == 1 else chunks[:-4])  # one head: nothing to cut
+    if num_heads > 1:
+        tail = pieces[len(whole) :]
+        assert [(start, stop) for start, stop, _ in tail] == [c for c in chunks[-4:] for _ in range(2)]
+        assert {heads.stop - heads.start for _, _, heads in tail} <= {num_heads // 2, num_heads - num_heads // 2}
+    assert _split_tail_heads([(0, 2), (2, 4)], num_heads=4) == [(0, 2, slice(None)), (2, 4, slice(None))]

@@ -351,14 +351,14 @@ def route_regions(
     num_regions = key_regions.shape[1]
     if not 1 <= topk <= num_regions:
         raise ValueError(f"topk must be between 1 and the number of regions R={num_regions}, got {topk}")
-    logits = torch.einsum("bqc,bkc->bqk", query_regions, key_regions) * scale  # (B, R, R)
+    # Few, small ops (B·R² logits): a forward makes this call once, and on 64 regions each op's fixed cost dominates.
+    logits = torch.bmm(query_regions, key_regions.transpose(1, 2)).mul_(scale)  # (B, R, R)
     if key_valid is not None:
-        logits = logits.masked_fill(~key_valid[None, None, :], float("-inf"))
-    top_logits, indices = torch.topk(logits, k=topk, dim=-1)  # (B, R, k) each: select on logits, never on probs
-    # eq. 3 probabilities of the chosen regions: exp(logit - logsumexp over all R regions), at least in float32.
+        logits.masked_fill_(~key_valid[None, None, :], float("-inf"))
+    indices = torch.topk(logits, k=topk, dim=-1).indices  # (B, R, k): select on logits, never on probabilities
+    # eq. 3 probabilities of the chosen regions, computed in at least float32.
     wide = torch.promote_types(logits.dtype, torch.float32)
-    log_norm = torch.logsumexp(logits.to(wide), dim=-1, keepdim=True)  # (B, R, 1)
-    scores = (top_logits.to(wide) - log_norm).exp().to(logits.dtype)  # (B, R, k)
+    scores = torch.softmax(logits, dim=-1, dtype=wide).gather(-1, indices).to(logits.dtype)  # (B, R, k)
     return indices, scores
 
 
@@ -634,8 +634,9 @@ def _routed_flash_forward(
 
     With more than one thread the chunks run on :func:`~h3de_lite.layers.workers.chunk_workers`' single-threaded
     workers, in lanes that each claim the next chunk when free (:class:`~h3de_lite.layers.workers.ChunkClaims`),
-    each lane with its own gather buffer, the chunks shrinking towards the end (:func:`_tapered_chunks`): the same
-    arithmetic per query region, so the same result bit for bit.
+    each lane with its own gather buffer, the chunks shrinking towards the end (:func:`_tapered_chunks`) and the last
+    one-region chunks cut into halves of the heads (:func:`_split_tail_heads`): the same arithmetic per query region
+    and head, so the same result bit for bit.
     """
     num_queries, tokens, qk_channels = q.shape
     attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -651,20 +652,26 @@ def _routed_flash_forward(
     if lanes > 1:
         chunks = _tapered_chunks(num_queries, query_chunk, lanes=lanes)
 
-    claims = ChunkClaims(count=len(chunks))
+    pieces = _split_tail_heads(chunks, num_heads=num_heads) if lanes > 1 else [(a, b, slice(None)) for a, b in chunks]
+    claims = ChunkClaims(count=len(pieces))
 
-    def run(lane: int) -> None:  # the chunks this lane claims: one gather buffer, reused by each
+    def run(lane: int) -> None:  # the pieces this lane claims: one gather buffer, reused by each
         buffer = kv.new_empty((min(query_chunk, num_queries) * rows.shape[1], kv_rows.shape[1]))
-        for start, stop in (chunks[i] for i in iter(claims, None)):
-            k_sel, v_sel = _gather_chunk(
-                kv_rows, rows[start:stop], buffer, qk_channels=qk_channels, num_heads=num_heads
-            )
+        gathered = None  # the (start, stop) whose keys and values the buffer holds
+        for start, stop, heads in (pieces[i] for i in iter(claims, None)):
+            if gathered != (start, stop):
+                k_sel, v_sel = _gather_chunk(
+                    kv_rows, rows[start:stop], buffer, qk_channels=qk_channels, num_heads=num_heads
+                )
+                gathered = (start, stop)
             mask = None if key_mask is None else _additive_mask(key_mask[start:stop], q.dtype)
-            chunk_out, chunk_lse = attention(q_heads[start:stop], k_sel, v_sel, 0.0, False, attn_mask=mask, scale=scale)
-            out_heads[start:stop].copy_(chunk_out.transpose(1, 2))  # (n, T, M, c): a contiguous copy
+            chunk_out, chunk_lse = attention(
+                q_heads[start:stop, heads], k_sel[:, heads], v_sel[:, heads], 0.0, False, attn_mask=mask, scale=scale
+            )
+            out_heads[start:stop, :, heads].copy_(chunk_out.transpose(1, 2))  # (n, T, M', c)
             if lse is not None:
                 assert chunk_lse.dtype == lse.dtype, (chunk_lse.dtype, lse.dtype)
-                lse[start:stop] = chunk_lse  # (n, M, T)
+                lse[start:stop, heads] = chunk_lse  # (n, M', T)
 
     if workers is None:
         run(0)
@@ -690,6 +697,27 @@ def _tapered_chunks(total: int, size: int, *, lanes: int) -> list[tuple[int, int
         chunks.append((start, stop))
         start = stop
     return chunks
+
+
+def _split_tail_heads(chunks: list[tuple[int, int]], *, num_heads: int) -> list[tuple[int, int, slice]]:
+    """The chunks as ``(start, stop, heads)`` pieces, each final chunk of one region cut into two groups of heads.
+
+    The lanes finish together to within one piece: the flash kernel treats each head on its own, so half a region's
+    heads is half its work, with the same arithmetic per head (the same result bit for bit). A lane that claims both
+    halves of a region gathers its keys and values once.
+
+    Example:
+        >>> _split_tail_heads([(0, 2), (2, 3)], num_heads=4)
+        [(0, 2, slice(None, None, None)), (2, 3, slice(0, 2, None)), (2, 3, slice(2, 4, None))]
+    """
+    pieces, split = [], num_heads // 2
+    for index, (start, stop) in enumerate(chunks):
+        tail = all(b - a == 1 for a, b in chunks[index:])
+        if tail and split:
+            pieces += [(start, stop, slice(0, split)), (start, stop, slice(split, num_heads))]
+        else:
+            pieces.append((start, stop, slice(None)))
+    return pieces
 
 
 def _lane_workers(chunks: list[tuple[int, int]], *, tokens: int, keys: int, channels: int) -> ChunkWorkers | None:
