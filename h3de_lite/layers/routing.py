@@ -710,13 +710,13 @@ def _split_tail_heads(chunks: list[tuple[int, int]], *, num_heads: int) -> list[
         >>> _split_tail_heads([(0, 2), (2, 3)], num_heads=4)
         [(0, 2, slice(None, None, None)), (2, 3, slice(0, 2, None)), (2, 3, slice(2, 4, None))]
     """
-    pieces, split = [], num_heads // 2
-    for index, (start, stop) in enumerate(chunks):
-        tail = all(b - a == 1 for a, b in chunks[index:])
-        if tail and split:
-            pieces += [(start, stop, slice(0, split)), (start, stop, slice(split, num_heads))]
-        else:
-            pieces.append((start, stop, slice(None)))
+    tail = len(chunks)  # where the final run of one-region chunks begins
+    while tail > 0 and chunks[tail - 1][1] - chunks[tail - 1][0] == 1:
+        tail -= 1
+    split = num_heads // 2
+    pieces = [(start, stop, slice(None)) for start, stop in (chunks if split == 0 else chunks[:tail])]
+    for start, stop in chunks[tail:] if split else []:
+        pieces += [(start, stop, slice(0, split)), (start, stop, slice(split, num_heads))]
     return pieces
 
 
