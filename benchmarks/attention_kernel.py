@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             f"1-minute load average at start: {os.getloadavg()[0]:.1f}"
         )
         print()
-        print("| threads | dense ms | serial ms | fixed ms | lanes ms | dense / serial | dense / fixed | dense / lanes |")
+        print(
+            "| threads | dense ms | serial ms | fixed ms | lanes ms | dense / serial | dense / fixed | dense / lanes |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         results = {}
         for threads in args.threads:

@@ -63,8 +63,8 @@ def _flat(rounds: list[list[float]]) -> list[float]:
 def report(runs: dict[str, str], grid: tuple[int, int, int]) -> list[str]:
     """The table and summary lines for ``runs`` (``{name: printed text}``, in the order they ran)."""
     lines = [
-        "| run | threads | dense median ms | dense fastest ms | V-BRA median ms | V-BRA fastest ms | speed-up (medians) "
-        "| 95 % interval over rounds | speed-up (fastest calls) |",
+        "| run | threads | dense median ms | dense fastest ms | V-BRA median ms | V-BRA fastest ms "
+        "| speed-up (medians) | 95 % interval over rounds | speed-up (fastest calls) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     per_threads: dict[str, list[tuple[str, float, float, float]]] = {}  # threads -> (run, ratio, dense, V-BRA fastest)
@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     with saved_report(args.save):
         grid_label = "×".join(map(str, args.grid))
         print(f"# V-BRA (gather) against dense attention, forward at {grid_label} tokens, over {len(runs)} saved runs")
-        print("# from the per-round samples in each run's measured lines (stdout and stderr of benchmarks/attention.py)")
+        print(
+            "# from the per-round samples in each run's measured lines (stdout and stderr of benchmarks/attention.py)"
+        )
         print()
         for line in lines:
             print(line)

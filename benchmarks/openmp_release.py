@@ -83,7 +83,7 @@ def _worker(threads: int, rounds: int) -> dict:
     steps = {"fwd": forward, "fb": forward_backward}
     samples = {(step, method): [] for step in steps for method in METHODS}
     totals = {key: {"cpu": 0.0, "caller": 0.0, "lanes": 0.0, "n": 0} for key in samples}
-    for step, call in steps.items():
+    for call in steps.values():
         for method in METHODS:
             with openmp_release(method == "release"):
                 call()  # warm-up: the lanes' pool, kernel selection, the allocator

@@ -110,7 +110,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     add("--optimizer", default=None, choices=["adam", "adamw"], help="adam (the paper) or adamw")
     add("--loss", default=None, choices=["mse", "softmax_ce"],
         help="heatmap loss: mse (the paper's eq. 13; the paper recipe) or softmax_ce (spatial-softmax "
-             "cross-entropy on the same targets: converges much faster on CPU, not the paper's; the tiny recipe)")  # fmt: skip
+             "cross-entropy on the same targets: converges much faster on CPU, not the paper's; "
+             "the tiny recipe)")  # fmt: skip
     add("--sigma", type=_positive_float, default=None,
         help=f"Gaussian target sigma in voxels (eq. 1; default: {_recipe_defaults('sigma')})")  # fmt: skip
     add("--crop", type=_positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
@@ -179,7 +180,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
              "anchor head needs existence probability >= 0.5)")  # fmt: skip
     add("--method", default=None, choices=["subvoxel", "argmax"], help="heatmap decoding (default: the run's)")
     add("--overlap", type=_fraction, default=0.5,
-        help="sliding-window overlap in [0, 1) (default 0.5: more accurate than 0.25, about twice the time)")  # fmt: skip
+        help="sliding-window overlap in [0, 1) "
+             "(default 0.5: more accurate than 0.25, about twice the time)")  # fmt: skip
     add("--strategy", default=None, choices=["sliding", "coarse_to_fine"],
         help="whole-volume inference: Gaussian-blended sliding windows or coarse-to-fine (default: the run's "
              "validation strategy)")  # fmt: skip
@@ -373,7 +375,8 @@ def _train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     mres = [e["val_mre"] for e in history["epochs"] if e.get("val_mre") is not None]
     summary = f"validation MRE {mres[0]:.2f} -> {mres[-1]:.2f} mm" if mres else "no validation"
-    print(f"trained {len(history['epochs'])} epochs into {args.out}: {summary} (best.pt: epoch {history.get('best_epoch')})")
+    best = history.get("best_epoch")
+    print(f"trained {len(history['epochs'])} epochs into {args.out}: {summary} (best.pt: epoch {best})")
     return 0
 
 

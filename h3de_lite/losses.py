@@ -130,8 +130,8 @@ def existence_loss(
 
     ``BCE = -[y · log σ(z) + (1 - y) · log(1 - σ(z))]`` per anchor and landmark, computed from logits with
     ``binary_cross_entropy_with_logits`` (stable for large |z|). Fewer than one anchor–landmark pair in a thousand
-    is positive (a 128×128×64 crop has 16 384 anchor locations and 1 to about a dozen positive anchors per landmark), so a
-    plain mean is dominated by the negatives and is minimised by predicting "absent" everywhere. The default,
+    is positive (a 128×128×64 crop has 16 384 anchor locations and 1 to about a dozen positive anchors per landmark),
+    so a plain mean is dominated by the negatives and is minimised by predicting "absent" everywhere. The default,
     ``balance="mean_pos_neg"``, averages the positives and the negatives separately and adds the two means: each
     group weighs the same whatever its size, and a batch without positives (every landmark missing) still trains
     the negatives. The price: the probabilities are no longer calibrated. Balancing scales the odds of an uncertain

@@ -1,5 +1,5 @@
-"""Evaluation metrics of the paper (Sec. III): radial errors in mm, mean radial error (MRE), successful detection rate (SDR),
-and precision / recall / F1 of the predicted existence of landmarks.
+"""Evaluation metrics of the paper (Sec. III): radial errors in mm, mean radial error (MRE), successful detection rate
+(SDR), and precision / recall / F1 of the predicted existence of landmarks.
 
 Every function accepts torch tensors and NumPy arrays alike. Errors are computed in millimetres with the (possibly
 anisotropic) voxel spacing, so a 1-voxel error along a 1.25 mm slice axis counts 1.25 mm.

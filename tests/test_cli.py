@@ -182,7 +182,8 @@ def test_train_command_writes_a_run_and_refuses_to_mix_runs(
     assert config["model"] == {"kind": "h3de", "preset": "tiny", "overrides": {"stem_channels": 16}}  # the recipe's
     assert config["data"]["p_zoom"] == 0.0 and config["train"]["sigma"] == 1.5
     assert config["inference"] == {"tta": "flip"}  # the recipe's test-time mirror averaging
-    assert config["data"]["spacing"] == 1.5 and config["data"]["crop"] == [64, 32, 32] and config["data"]["recipe"] == "tiny"
+    assert config["data"]["spacing"] == 1.5 and config["data"]["crop"] == [64, 32, 32]
+    assert config["data"]["recipe"] == "tiny"
     assert config["train"]["schedule"] == "cosine" and config["train"]["epochs"] == 1  # recipe, then the flags
     assert config["train"]["heatmap_loss"] == "softmax_ce" and config["train"]["val_roi_size"] == [64, 32, 32]
     history = json.loads((run / "history.json").read_text())
@@ -287,7 +288,8 @@ def test_train_help_explains_every_option(capsys: pytest.CaptureFixture[str]) ->
     text = capsys.readouterr().out
     for option in ("--data", "--out", "--preset", "--model", "--head", "--anchors", "--epochs", "--batch-size", "--lr",
                    "--crop", "--spacing", "--subset", "--device", "--amp", "--compile", "--seed", "--workers",
-                   "--resume", "--checkpoint-every", "--overwrite", "--loss", "--augment", "--checkpointing"):  # fmt: skip
+                   "--resume", "--checkpoint-every", "--overwrite", "--loss", "--augment",
+                   "--checkpointing"):  # fmt: skip
         assert option in text, option
 
 

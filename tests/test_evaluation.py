@@ -399,7 +399,9 @@ def test_predictor_preprocessing_is_the_training_datasets(phantom_root: Path, ph
         item = dataset[index]  # the item training validates on: resampled to 4 mm, windowed to [0, 255]
         coords, _, _ = predict_volume(predictor.model, item["image"], roi_size=(64, 64, 32), method="subvoxel")
         spacing, source = item["spacing"].double().numpy(), item["source_spacing"].double().numpy()
-        reference = to_source_voxels(coords.double().numpy(), origin=np.zeros(3), spacing=spacing, source_spacing=source)
+        reference = to_source_voxels(
+            coords.double().numpy(), origin=np.zeros(3), spacing=spacing, source_spacing=source
+        )
         assert result.cases[index].case_id == case_id
         np.testing.assert_allclose(result.cases[index].coords, reference, atol=1e-5)  # the item's float32 spacings
 

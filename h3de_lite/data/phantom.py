@@ -510,8 +510,8 @@ def _make_roots(kind: ToothKind, jaw: str, a: float, b: float, length: float, rn
         return [mesial, distal]
     return [
         _Root(np.array([0.45 * a, 0.4 * b, -2.5]), np.array([0.5 * a, 0.55 * b, -length]), (0.28 * a, 0.3 * b), apex_r),
-        _Root(np.array([-0.45 * a, 0.4 * b, -2.5]), np.array([-0.5 * a, 0.55 * b, -0.95 * length]), (0.26 * a, 0.28 * b),
-              apex_r),
+        _Root(np.array([-0.45 * a, 0.4 * b, -2.5]), np.array([-0.5 * a, 0.55 * b, -0.95 * length]),
+              (0.26 * a, 0.28 * b), apex_r),
         _Root(np.array([0.0, -0.4 * b, -2.5]), np.array([0.0, -0.75 * b, -1.05 * length]), (0.32 * a, 0.3 * b), apex_r),
     ]  # fmt: skip
 
@@ -540,7 +540,8 @@ class _Anatomy:
 
 
 def _sample_missing(rng: np.random.Generator, incomplete: bool) -> set[str]:
-    """Landmark-bearing lower teeth (e.g. ``"L-M3"``) absent from an incomplete case; at least one, third molars most."""
+    """Landmark-bearing lower teeth (e.g. ``"L-M3"``) absent from an incomplete case: at least one, third molars most
+    often."""
     if not incomplete:
         return set()
     keys = [(side, tooth) for side in _SIDES for tooth in _LANDMARK_TEETH]
@@ -1189,7 +1190,7 @@ def _prepare_output(out: Path, *, overwrite: bool) -> None:
                 existing[split] = sum(1 for _ in folder.iterdir())
     except OSError as err:
         raise ValueError(f"cannot read {str(folder)!r} ({err.strerror or err}); choose another output folder or fix "
-                         "its permissions")  # fmt: skip
+                         "its permissions") from err  # fmt: skip
     if existing and not overwrite:
         found = ", ".join(f"{n} files in {split}/" for split, n in existing.items())
         raise ValueError(
@@ -1205,7 +1206,7 @@ def _prepare_output(out: Path, *, overwrite: bool) -> None:
                 pass
     except OSError as err:
         raise ValueError(f"cannot write into output folder {str(folder)!r} ({err.strerror or err}); choose a folder "
-                         "you can write to, or fix its permissions")  # fmt: skip
+                         "you can write to, or fix its permissions") from err  # fmt: skip
     for split in existing:  # overwrite: the old cases of every split go, so old and new ids never mix
         for path in (out / split).iterdir():
             if path.is_file() and (path.name.endswith(_CASE_SUFFIXES) or path.name.startswith(".tmp-")):

@@ -7,7 +7,12 @@ from h3de_lite.layers.attention import BiLevelRoutingAttention3d, DenseAttention
 from h3de_lite.layers.block import DropPath, VBRABlock
 from h3de_lite.layers.conv import ConvNormAct, Downsample, ResidualConvBlock
 from h3de_lite.layers.fusion import ConcatFusion, FeatureFusionModule
-from h3de_lite.layers.super_resolution import SuperResolutionBlock, TrilinearUpsample, pixel_shuffle_3d, pixel_unshuffle_3d
+from h3de_lite.layers.super_resolution import (
+    SuperResolutionBlock,
+    TrilinearUpsample,
+    pixel_shuffle_3d,
+    pixel_unshuffle_3d,
+)
 
 __all__ = [
     "BiLevelRoutingAttention3d",

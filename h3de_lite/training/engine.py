@@ -395,10 +395,10 @@ def fit(
     """Train a landmark model (loss eq. 16 or 17), validate on whole volumes, checkpoint, resume, scale out.
 
     Per optimizer step: a batch of items → images scaled to [0, 1] (:func:`h3de_lite.inference.prepare_input`) →
-    forward (autocast with ``config.amp``) → :func:`training_losses` (targets built from the batch's landmarks) → backward, optional gradient
-    clipping, optimizer and learning-rate step. Per epoch: the mean of every loss term, validation
-    (:func:`validate`: MRE and SDR@2 mm) every ``val_every`` epochs, ``history.json``, ``last.pt``; ``best.pt``
-    when the validation MRE improves; early stopping after ``patience`` validations without improvement.
+    forward (autocast with ``config.amp``) → :func:`training_losses` (targets built from the batch's landmarks) →
+    backward, optional gradient clipping, optimizer and learning-rate step. Per epoch: the mean of every loss term,
+    validation (:func:`validate`: MRE and SDR@2 mm) every ``val_every`` epochs, ``history.json``, ``last.pt``;
+    ``best.pt`` when the validation MRE improves; early stopping after ``patience`` validations without improvement.
 
     Under ``torchrun`` (env ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) every process calls ``fit`` alike: the process
     group starts (NCCL on CUDA, gloo on CPU) unless it already runs, the model is wrapped in
