@@ -710,12 +710,12 @@ def _split_tail_heads(chunks: list[tuple[int, int]], *, num_heads: int) -> list[
         >>> _split_tail_heads([(0, 2), (2, 3)], num_heads=4)
         [(0, 2, slice(None, None, None)), (2, 3, slice(0, 2, None)), (2, 3, slice(2, 4, None))]
     """
+    split = num_heads // 2  # 0: one head, nothing to cut
     tail = len(chunks)  # where the final run of one-region chunks begins
-    while tail > 0 and chunks[tail - 1][1] - chunks[tail - 1][0] == 1:
+    while split and tail > 0 and chunks[tail - 1][1] - chunks[tail - 1][0] == 1:
         tail -= 1
-    split = num_heads // 2
-    pieces = [(start, stop, slice(None)) for start, stop in (chunks if split == 0 else chunks[:tail])]
-    for start, stop in chunks[tail:] if split else []:
+    pieces = [(start, stop, slice(None)) for start, stop in chunks[:tail]]
+    for start, stop in chunks[tail:]:
         pieces += [(start, stop, slice(0, split)), (start, stop, slice(split, num_heads))]
     return pieces
 
